@@ -1,0 +1,152 @@
+"""The frozen CLIP model: creation from any open_clip architecture and weights, and its identity.
+
+Everything downstream (feature cache keys, saved heads, exported bundles) refers to a model by
+`ModelIdentity`, so a head trained on one model can never be silently applied to another.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import open_clip
+import torch
+
+from .errors import CgilError
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(_CONFIG_DIR)  # our shipped architectures (e.g. cgil-tiny) become open_clip names
+
+DEFAULT_MODEL = "cgil-tiny"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What makes two CLIP image/text embeddings comparable."""
+
+    model: str
+    pretrained: Optional[str]  # open_clip tag, a checkpoint path, or None for seeded random weights
+    weights_id: str  # "random:seed=S", "tag:<tag>" or "sha256:<hex of checkpoint file>"
+    config_sha: str  # sha256 of the architecture JSON: an edited config is another model
+    embed_dim: int
+    image_size: int
+    context_length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelIdentity":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    def same_weights(self, other: "ModelIdentity") -> bool:
+        return (self.model, self.weights_id, self.config_sha) == (other.model, other.weights_id, other.config_sha)
+
+
+@dataclass
+class FrozenClip:
+    model: torch.nn.Module
+    preprocess: Callable  # open_clip's evaluation transform: PIL image -> tensor
+    tokenizer: Callable
+    identity: ModelIdentity
+    device: torch.device
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.detach().exp()
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings for a preprocessed batch (N, 3, H, W)."""
+        return self.model.encode_image(pixels.to(self.device)).float()
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def valid_models() -> list[str]:
+    return open_clip.list_models()
+
+
+def _resolve_weights(model: str, pretrained: Optional[str], seed: int) -> str:
+    if pretrained is None or pretrained in ("", "none", "random"):
+        return f"random:seed={seed}"
+    if Path(pretrained).is_file():
+        return "sha256:" + file_sha256(pretrained)
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        hint = ", ".join(tags) if tags else "none for this architecture"
+        raise CgilError(
+            f"--pretrained {pretrained!r} is neither a checkpoint file nor a known tag for {model} "
+            f"(known tags: {hint})"
+        )
+    return f"tag:{pretrained}"
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip warns on every random-weight model; random weights are a deliberate choice here."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def create_clip(
+    model: str = DEFAULT_MODEL,
+    pretrained: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> FrozenClip:
+    """Create a frozen open_clip model in eval mode.
+
+    Random weights are drawn from a generator seeded with `seed` so that two processes given the
+    same arguments hold bit-identical models (the feature cache relies on this).
+    """
+    if model not in valid_models():
+        raise CgilError(f"unknown model {model!r}; choose one of: {', '.join(valid_models())}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CgilError("--device cuda was asked for but CUDA is not available on this machine")
+    weights_id = _resolve_weights(model, pretrained, seed)
+    load = None if weights_id.startswith("random:") else pretrained
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+        torch.manual_seed(seed)
+        clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=load, device=device)
+    clip_model.eval().requires_grad_(False)
+    cfg = open_clip.get_model_config(model) or {}
+    image_size = cfg.get("vision_cfg", {}).get("image_size", 224)
+    identity = ModelIdentity(
+        model=model,
+        pretrained=str(pretrained) if load else None,
+        weights_id=weights_id,
+        config_sha=hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
+        embed_dim=int(cfg.get("embed_dim", 0)),
+        image_size=int(image_size if isinstance(image_size, int) else image_size[0]),
+        context_length=int(cfg.get("text_cfg", {}).get("context_length", 77)),
+    )
+    tokenizer = open_clip.get_tokenizer(model)
+    return FrozenClip(clip_model, preprocess, tokenizer, identity, device)
+
+
+def preprocess_config(clip: FrozenClip) -> dict[str, Any]:
+    """The evaluation preprocessing as plain data (what a torch-free runtime must reproduce)."""
+    from open_clip.factory import get_model_preprocess_cfg
+
+    cfg = dict(get_model_preprocess_cfg(clip.model))
+    cfg.setdefault("interpolation", "bicubic")
+    cfg.setdefault("resize_mode", "shortest")
+    return json.loads(json.dumps(cfg))  # tuples -> lists, plain JSON types

@@ -1,0 +1,110 @@
+"""The interface every per-class generator family implements, and its configuration."""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import CgilError
+
+Progress = Optional[Callable[[int, int], None]]  # (done, total) -> None
+
+
+@dataclass
+class GeneratorConfig:
+    kind: str = "vae"
+    passes: int = 500  # passes over each class's features (VAE, diffusion); 750 on ISIC in the paper
+    batch_size: int = 64
+    lr: Optional[float] = None  # None: the family's reference default
+    latent_dim: int = 256  # VAE
+    hidden_dim: int = 512  # VAE
+    components: int = 5  # MoG
+    em_steps: int = 500  # MoG
+    em_tol: float = 1e-3  # MoG: stop when the mean log-likelihood gains less than this
+    diffusion_steps: int = 32
+    diffusion_hidden: int = 256
+    diffusion_layers: int = 5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GeneratorConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class ClassGenerators(nn.Module, ABC):
+    """K class-conditional generators of D-dim embeddings, fitted and sampled as one model.
+
+    After `fit`, the module's state_dict holds exactly what sampling needs (the replay store);
+    `from_replay` rebuilds a sampler from it without any training-only parts.
+    """
+
+    kind: ClassVar[str]
+    min_samples: ClassVar[int] = 2
+    default_lr: ClassVar[float] = 0.0
+
+    def __init__(self, class_ids: Sequence[int], dim: int, cfg: GeneratorConfig):
+        super().__init__()
+        self.class_ids = [int(c) for c in class_ids]
+        self.dim = int(dim)
+        self.cfg = cfg
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+    @property
+    def lr(self) -> float:
+        return self.cfg.lr if self.cfg.lr is not None else self.default_lr
+
+    def iterations(self, sizes: Sequence[int]) -> int:
+        """Every class gets at least `passes` passes over its features in batches of batch_size."""
+        return self.cfg.passes * max(1, math.ceil(max(sizes) / self.cfg.batch_size))
+
+    def check_sizes(self, feats: Sequence[torch.Tensor], names: Optional[Sequence[str]] = None) -> None:
+        if len(feats) != self.num_classes:
+            raise ValueError(f"expected features of {self.num_classes} classes, got {len(feats)}")
+        for k, f in enumerate(feats):
+            if f.ndim != 2 or f.shape[1] != self.dim:
+                raise CgilError(f"features of class {self.class_ids[k]} have shape {tuple(f.shape)}, expected (n, {self.dim})")
+            if f.shape[0] < self.min_samples:
+                who = names[k] if names else f"class {self.class_ids[k]}"
+                raise CgilError(
+                    f"{who} has {f.shape[0]} training sample(s); the {self.kind} generator needs at least "
+                    f"{self.min_samples}"
+                )
+
+    @abstractmethod
+    def fit(self, feats: Sequence[torch.Tensor], seed: int, progress: Progress = None) -> dict[str, float]:
+        """Fit all K generators on per-class (n_k, D) features. Returns summary statistics."""
+
+    @abstractmethod
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(K, n, D) synthetic embeddings, on this module's device."""
+
+    @classmethod
+    def from_replay(cls, class_ids: Sequence[int], dim: int, cfg: GeneratorConfig, state: dict[str, torch.Tensor]):
+        gen = cls(class_ids, dim, cfg)
+        gen.build_empty()
+        gen.load_state_dict(state)
+        return gen
+
+    @abstractmethod
+    def build_empty(self) -> None:
+        """Create sampling-only submodules/buffers with the right shapes (for from_replay)."""
+
+    @property
+    def device(self) -> torch.device:
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+
+def randn_per_class(gens: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
+    """(K, *shape) standard normals, class k drawn from its own generator."""
+    return torch.stack([torch.randn(*shape, generator=g) for g in gens])

@@ -1,0 +1,151 @@
+"""The CGIL learner state: frozen CLIP, prompts of every seen class, and the generator replay store.
+
+One task update is: `add_classes` -> `fit_generators` (new classes only) -> `align` (prompts of all
+seen classes on synthetic replay) -> `head()`. The baselines reuse the same steps with a different
+source of alignment data (real features, or none).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .clip import FrozenClip
+from .generators import ClassGenerators, GeneratorConfig, load_generators, make_generators
+from .prompts import PromptLearner
+from .text import TextEncoder, normalize
+
+Progress = Optional[Callable[[int, int], None]]
+# A source of alignment data: given an RNG, one epoch's (features (N, D), dataset class ids (N,)).
+Source = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class AlignConfig:
+    epochs: int = 60
+    lr: float = 0.03
+    batch_size: int = 128
+    samples_per_class: int = 256  # S: fresh synthetic samples per class per epoch
+    weight_decay: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Learner:
+    def __init__(self, clip: FrozenClip, gen_cfg: GeneratorConfig, align_cfg: AlignConfig, n_ctx: int = 1,
+                 truncate_text: bool = True):
+        self.clip = clip
+        self.gen_cfg = gen_cfg
+        self.align_cfg = align_cfg
+        self.text = TextEncoder(clip.model, clip.tokenizer, truncate=truncate_text)
+        self.prompts = PromptLearner(self.text, clip.identity.embed_dim, n_ctx).to(clip.device)
+        self.store: list[ClassGenerators] = []  # one batched group per task
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
+
+    @property
+    def class_ids(self) -> list[int]:
+        return self.prompts.class_ids
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.prompts.class_names
+
+    def columns(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """Dataset class ids -> head column indices."""
+        lut = torch.full((max(self.class_ids) + 1,), -1, dtype=torch.long)
+        lut[torch.tensor(self.class_ids)] = torch.arange(len(self.class_ids))
+        cols = lut[class_ids.cpu()]
+        if (cols < 0).any():
+            raise ValueError("features of a class the learner has not seen")
+        return cols
+
+    def add_classes(self, class_ids: Sequence[int], names: Sequence[str], seed: int) -> None:
+        self.prompts.add_classes(class_ids, names, torch.Generator().manual_seed(seed))
+
+    def fit_generators(self, class_ids: Sequence[int], feats: torch.Tensor, labels: torch.Tensor, seed: int,
+                       progress: Progress = None) -> dict:
+        """Fit the new classes' generators as one batched model and add them to the replay store."""
+        group = make_generators(self.gen_cfg, class_ids, feats.shape[1])
+        per_class = [feats[labels == c].to(self.device) for c in class_ids]
+        stats = group.fit(per_class, seed=seed, progress=progress)
+        self.store.append(group)
+        return stats
+
+    def add_generators(self, class_ids: Sequence[int], state: dict[str, torch.Tensor], dim: int) -> None:
+        self.store.append(load_generators(self.gen_cfg, class_ids, dim, state).to(self.device))
+
+    def replay_source(self) -> Source:
+        """S fresh samples from the generator of every class in the store."""
+        s = self.align_cfg.samples_per_class
+
+        def draw(rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            feats, ids = [], []
+            for group in self.store:
+                samples = group.sample(s, rng)  # (K, S, D)
+                feats.append(samples.reshape(-1, samples.shape[-1]))
+                ids.append(torch.tensor(group.class_ids).repeat_interleave(s))
+            return torch.cat(feats), torch.cat(ids)
+
+        return draw
+
+    @staticmethod
+    def real_source(feats: torch.Tensor, labels: torch.Tensor) -> Source:
+        return lambda rng: (feats, labels)
+
+    def align(self, source: Source, seed: int, progress: Progress = None) -> dict:
+        """Train the prompts of all seen classes and g with cross-entropy on cosine logits."""
+        cfg = self.align_cfg
+        params = self.prompts.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        rng = torch.Generator().manual_seed(seed)
+        scale = self.clip.logit_scale
+        self.prompts.train()
+        loss = torch.zeros(())
+        for epoch in range(cfg.epochs):
+            feats, ids = source(rng)
+            feats = normalize(feats.to(self.device).float())
+            cols = self.columns(ids).to(self.device)
+            order = torch.randperm(len(cols), generator=rng).to(self.device)
+            for start in range(0, len(order), cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                logits = scale * feats[idx] @ self.prompts.keys().t()
+                loss = F.cross_entropy(logits, cols[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if progress:
+                progress(epoch + 1, cfg.epochs)
+        self.prompts.eval()
+        return {"final_loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def head(self) -> torch.Tensor:
+        """(C, D) normalised keys of the seen classes, in arrival order."""
+        return self.prompts.keys().detach()
+
+    def store_state(self) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """Flat tensors and a JSON index of the replay store, one entry per task group."""
+        tensors, index = {}, []
+        for g, group in enumerate(self.store):
+            for k, v in group.state_dict().items():
+                tensors[f"group{g}.{k}"] = v.detach().cpu().contiguous()
+            index.append({"group": g, "kind": group.kind, "class_ids": group.class_ids, "dim": group.dim})
+        return tensors, index
+
+    def load_store(self, tensors: dict[str, torch.Tensor], index: list[dict]) -> None:
+        self.store = []
+        for entry in index:
+            prefix = f"group{entry['group']}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            self.add_generators(entry["class_ids"], state, entry["dim"])

@@ -1,0 +1,102 @@
+"""Class-specific text prompts: the trainable part of CGIL.
+
+For class c the text transformer sees  [SOS] p_c,1..p_c,n  g(z_c)  name_c . [EOS]
+where p_c are learned token embeddings and g is a shared MLP ("context generator") applied to
+the frozen zero-shot text embedding z_c of "a photo of a {name_c}". The class key is the
+L2-normalised text embedding of that sequence; the matrix of keys is the classifier head.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .text import TextEncoder, normalize
+
+PLACEHOLDER = "X"  # a real BPE token whose embedding is overwritten by learned vectors
+
+
+class ContextGenerator(nn.Sequential):
+    """g: (Linear -> BatchNorm -> SELU) x 3 -> Linear, from text-embedding width to token width.
+
+    As in the reference, it always runs in evaluation mode: the BatchNorm layers keep their
+    initial running statistics and act as learnable affine maps, and a class's key does not
+    depend on which other classes share its batch.
+    """
+
+    def __init__(self, embed_dim: int, token_width: int, depth: int = 3):
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(embed_dim), nn.SELU()]
+        layers.append(nn.Linear(embed_dim, token_width))
+        super().__init__(*layers)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "ContextGenerator":
+        return super().train(False)
+
+
+class PromptLearner(nn.Module):
+    """Holds the prompts of every class seen so far, in arrival order (the head's column order)."""
+
+    def __init__(self, text: TextEncoder, embed_dim: int, n_ctx: int = 1):
+        super().__init__()
+        self.text = text
+        self.n_ctx = n_ctx
+        width = text.tower.width
+        self.generator = ContextGenerator(embed_dim, width)
+        self.ctx = nn.Parameter(torch.zeros(0, n_ctx, width))
+        self.class_ids: list[int] = []
+        self.class_names: list[str] = []
+        self.register_buffer("tokens", torch.zeros(0, text.tower.positional_embedding.shape[0], dtype=torch.long))
+        self.register_buffer("zero_shot", torch.zeros(0, embed_dim))  # z_c, unnormalised
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+    def prompt_text(self, name: str) -> str:
+        return " ".join([PLACEHOLDER] * (self.n_ctx + 1)) + f" {name}."
+
+    def add_classes(self, class_ids: Sequence[int], names: Sequence[str], generator: torch.Generator) -> None:
+        """Append new classes: context vectors ~ N(0, 0.02), tokens and zero-shot embeddings cached."""
+        dev = self.ctx.device
+        new_ctx = torch.randn(len(class_ids), self.n_ctx, self.ctx.shape[-1], generator=generator) * 0.02
+        tokens = self.text.tokenize([self.prompt_text(n) for n in names]).to(dev)
+        z = self.text.zero_shot(names).to(dev)
+        self.ctx = nn.Parameter(torch.cat([self.ctx.detach(), new_ctx.to(dev)]))
+        self.tokens = torch.cat([self.tokens, tokens])
+        self.zero_shot = torch.cat([self.zero_shot, z])
+        self.class_ids += [int(c) for c in class_ids]
+        self.class_names += list(names)
+
+    def keys(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """L2-normalised keys (C, D) of the selected classes (all seen classes by default)."""
+        rows = slice(None) if rows is None else rows
+        tokens = self.tokens[rows]
+        embeds = self.text.embed_tokens(tokens)
+        g = self.generator(self.zero_shot[rows]).unsqueeze(1).to(embeds.dtype)
+        embeds = torch.cat([embeds[:, :1], self.ctx[rows].to(embeds.dtype), g, embeds[:, 2 + self.n_ctx:]], dim=1)
+        return normalize(self.text(embeds, self.text.eot_positions(tokens)))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.ctx, *self.generator.parameters()]
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """What defines the prompts beyond the frozen CLIP: context vectors and g's weights."""
+        state = {"ctx": self.ctx.detach().cpu().contiguous()}
+        state.update({f"generator.{k}": v.detach().cpu().contiguous() for k, v in self.generator.state_dict().items()})
+        return state
+
+    def load_learned_state(self, state: dict[str, torch.Tensor], class_ids: Sequence[int], names: Sequence[str]) -> None:
+        if state["ctx"].shape[0] != len(class_ids):
+            raise ValueError("prompt state and class list disagree in length")
+        self.class_ids, self.class_names = [], []
+        self.ctx = nn.Parameter(torch.zeros(0, self.n_ctx, self.ctx.shape[-1], device=self.ctx.device))
+        self.tokens = self.tokens[:0]
+        self.zero_shot = self.zero_shot[:0]
+        self.add_classes(class_ids, names, torch.Generator())
+        self.ctx = nn.Parameter(state["ctx"].to(self.ctx.device))
+        gen_state = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
+        self.generator.load_state_dict(gen_state)

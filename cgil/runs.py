@@ -1,0 +1,84 @@
+"""Reading saved runs back: `cgil eval` and `cgil info`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .artifacts import load_tensors, read_json, verify_manifest
+from .clip import create_clip
+from .config import TrainConfig
+from .data import get_dataset
+from .errors import CgilError
+from .features import default_cache_dir, task_features
+from .state import check_identity, state_dir
+from .text import normalize
+
+
+def open_run(run_dir: Path) -> tuple[dict, Path]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise CgilError(f"{run_dir} is not a cgil run (no config.json)")
+    current = state_dir(run_dir)
+    if current is None:
+        raise CgilError(f"{run_dir} has no finished task yet (no state/CURRENT)")
+    return read_json(run_dir / "config.json"), current
+
+
+def evaluate_run(run_dir: Path, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> dict[str, Any]:
+    config, current = open_run(run_dir)
+    cfg = TrainConfig.from_dict(config["settings"])
+    verify_manifest(current)
+    head_meta = read_json(current / "head.json")
+    keys = load_tensors(current / "head.safetensors")["keys"]
+    clip = create_clip(cfg.model, cfg.pretrained, cfg.device, cfg.model_seed)
+    check_identity(head_meta["model"], clip, current)
+    ds = get_dataset(dataset or cfg.dataset, data_dir if dataset else (data_dir or cfg.data_dir))
+
+    by_name = {n: i for i, n in enumerate(head_meta["class_names"])}
+    unknown = [n for n in ds.classnames if n not in by_name]
+    if dataset and unknown:
+        raise CgilError(f"classes not learned by this run: {', '.join(unknown)}")
+    tasks = config["tasks"] if not dataset else [[c for c in range(ds.num_classes)]]
+    per_task, correct, total = {}, 0, 0
+    for k, classes in enumerate(tasks):
+        classes = [c for c in classes if ds.classnames[c] in by_name]
+        if not classes:
+            continue
+        feats, labels = task_features(clip, ds, "test", classes, default_cache_dir())
+        cols = torch.tensor([by_name[ds.classnames[int(l)]] for l in labels])
+        pred = (normalize(feats) @ keys.t()).argmax(1)
+        hits = int((pred == cols).sum())
+        per_task[f"task {k + 1}"] = 100.0 * hits / len(labels)
+        correct, total = correct + hits, total + len(labels)
+    accs = list(per_task.values())
+    return {
+        "method": cfg.method,
+        "final_avg_acc": sum(accs) / len(accs),
+        "final_pooled_acc": 100.0 * correct / total,
+        "per_task": per_task,
+        "head_version": head_meta["head_version"],
+    }
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    config, current = open_run(run_dir)
+    manifest = verify_manifest(current)
+    head_meta = read_json(current / "head.json")
+    store = read_json(current / "store.json")
+    sizes = {name: info["bytes"] for name, info in manifest["files"].items()}
+    n = max(1, len(head_meta["class_names"]))
+    return {
+        "run": str(run_dir),
+        "method": config["settings"]["method"],
+        "model": config["model_identity"],
+        "state_version": current.name,
+        "head_version": head_meta["head_version"],
+        "classes": head_meta["class_names"],
+        "future_classes": head_meta.get("future_class_names", []),
+        "generator": store["generator"]["kind"],
+        "bytes": sizes,
+        "bytes_total": sum(sizes.values()),
+        "replay_store_bytes_per_class": sizes.get("store.safetensors", 0) / n,
+    }

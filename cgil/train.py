@@ -1,0 +1,212 @@
+"""`cgil train`: a class-incremental run, task by task, for one method.
+
+scenario -> features (cached) -> [generators] -> alignment -> head -> scores, with the learner
+state published after every task so that --resume continues from the last finished one.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .artifacts import atomic_write_json, read_json
+from .clip import FrozenClip, create_clip
+from .config import METHODS, TrainConfig, differences
+from .data import ImageDataset, get_dataset
+from .errors import CgilError
+from .evaluate import score_step
+from .features import default_cache_dir, task_features
+from .generators import generator_class
+from .learner import Learner, derive_seed
+from .metrics import summarize
+from .progress import Reporter
+from .scenario import Scenario, task_sizes
+from .state import head_payload, load_learner, save_state, state_dir
+
+PHASES = ("features", "generators", "alignment", "eval")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("cgil", "torch", "open_clip_torch", "numpy", "safetensors", "onnx", "onnxruntime"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_scenario(cfg: TrainConfig, dataset: ImageDataset) -> Scenario:
+    n = dataset.num_classes
+    if cfg.tasks is not None:
+        sizes = task_sizes(n, cfg.tasks)
+    else:
+        sizes = dataset.task_sizes or task_sizes(n, min(5, n))
+    return Scenario.build(n, sizes, cfg.seed)
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise CgilError(f"unknown method {cfg.method!r}; choose one of: {', '.join(METHODS)}, all")
+    generator_class(cfg.generator.kind)
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise CgilError(f"unknown device {cfg.device!r}; choose one of: cpu, cuda")
+
+
+@dataclass
+class RunContext:
+    cfg: TrainConfig
+    out: Path
+    dataset: ImageDataset
+    scenario: Scenario
+    clip: FrozenClip
+    cache_dir: Optional[Path]
+    reporter: Reporter
+    timings: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+
+    def features(self, split: str, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = time.perf_counter()
+        with self.reporter.phase(f"task {t + 1}: {split} features") as bar:
+            out = task_features(self.clip, self.dataset, split, self.scenario.task_classes(t), self.cache_dir,
+                                self.cfg.feature_batch_size, bar)
+        self.timings["features"] += time.perf_counter() - start
+        return out
+
+
+def prepare(cfg: TrainConfig, out: Path, resume: bool, reporter: Reporter, cache_dir: Optional[Path]) -> RunContext:
+    validate(cfg)
+    dataset = get_dataset(cfg.dataset, cfg.data_dir)
+    scenario = build_scenario(cfg, dataset)
+    config_path = out / "config.json"
+    has_state = (out / "state" / "CURRENT").exists()
+    if has_state and not resume:
+        raise CgilError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume:
+        if not config_path.exists():
+            raise CgilError(f"nothing to resume: {config_path} does not exist")
+        diffs = differences(read_json(config_path)["settings"], cfg.to_dict())
+        if diffs:
+            raise CgilError(f"--resume refused, settings differ from the run in {out}: " + "; ".join(diffs))
+    clip = create_clip(cfg.model, cfg.pretrained, cfg.device, cfg.model_seed)
+    if not resume or not config_path.exists():
+        atomic_write_json(config_path, {
+            "settings": cfg.to_dict(),
+            "dataset_id": dataset.dataset_id,
+            "class_names": dataset.classnames,
+            "class_order": list(scenario.order),
+            "tasks": scenario.tasks(),
+            "model_identity": clip.identity.to_dict(),
+            "versions": package_versions(),
+        })
+    return RunContext(cfg, out, dataset, scenario, clip, cache_dir, reporter)
+
+
+def learn_task(ctx: RunContext, learner: Learner, t: int, train: tuple[torch.Tensor, torch.Tensor],
+               seen_train: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    cfg, classes = ctx.cfg, ctx.scenario.task_classes(t)
+    learner.add_classes(classes, [ctx.dataset.classnames[c] for c in classes], derive_seed(cfg.seed, t, 1))
+    if cfg.method == "zeroshot":
+        return
+    if cfg.method == "cgil":
+        start = time.perf_counter()
+        with ctx.reporter.phase(f"task {t + 1}: fit {cfg.generator.kind} x{len(classes)}") as bar:
+            learner.fit_generators(classes, *train, seed=cfg.seed, progress=bar)
+        ctx.timings["generators"] += time.perf_counter() - start
+        source = learner.replay_source()
+    elif cfg.method == "joint":
+        source = Learner.real_source(torch.cat([f for f, _ in seen_train]), torch.cat([l for _, l in seen_train]))
+    else:  # sequential: only the current task's data, no replay
+        source = Learner.real_source(*train)
+    start = time.perf_counter()
+    with ctx.reporter.phase(f"task {t + 1}: align {learner.prompts.num_classes} prompts") as bar:
+        learner.align(source, seed=derive_seed(cfg.seed, t, 2), progress=bar)
+    ctx.timings["alignment"] += time.perf_counter() - start
+
+
+def keys_for_method(cfg: TrainConfig, learner: Learner) -> torch.Tensor:
+    if cfg.method == "zeroshot":
+        return torch.nn.functional.normalize(learner.prompts.zero_shot.detach(), dim=-1)
+    return learner.head()
+
+
+def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[int] = None,
+        reporter: Optional[Reporter] = None, cache_dir: Optional[Path] = None) -> Optional[dict[str, Any]]:
+    """Train one method over all tasks. Returns the metrics, or None when stopped early by `stop_after`."""
+    reporter = reporter or Reporter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    ctx = prepare(cfg, out, resume, reporter, cache_dir)
+    sc, ds = ctx.scenario, ctx.dataset
+    torch.manual_seed(cfg.seed)
+
+    tests = [ctx.features("test", k) for k in range(sc.num_tasks)]
+    rows: dict[str, list] = {"accuracy_matrix": [], "task_il_matrix": [], "transfer_matrix": [],
+                             "transfer_unnormalised_matrix": []}
+    start_task = 0
+    saved = state_dir(out) if resume else None
+    if saved is not None:
+        learner, progress = load_learner(saved, ctx.clip, cfg.align)
+        rows = progress["rows"]
+        ctx.timings = progress["timings"]
+        start_task = progress["finished_task"] + 1
+        reporter.log(f"resuming {out} after task {start_task} of {sc.num_tasks}")
+    else:
+        learner = Learner(ctx.clip, cfg.generator, cfg.align, n_ctx=cfg.n_ctx)
+    zero_shot = learner.text.zero_shot(ds.classnames).cpu()
+
+    seen_train = [ctx.features("train", k) for k in range(start_task)] if cfg.method == "joint" else []
+    for t in range(start_task, sc.num_tasks):
+        train = ctx.features("train", t)
+        if cfg.method == "joint":
+            seen_train.append(train)
+        learn_task(ctx, learner, t, train, seen_train)
+        start = time.perf_counter()
+        scores = score_step(keys_for_method(cfg, learner), learner.class_ids, zero_shot, tests, sc.tasks(), t)
+        ctx.timings["eval"] += time.perf_counter() - start
+        rows["accuracy_matrix"].append(scores.class_il)
+        rows["task_il_matrix"].append(scores.task_il)
+        rows["transfer_matrix"].append(scores.transfer)
+        rows["transfer_unnormalised_matrix"].append(scores.transfer_unnormalised)
+        future = sc.order[sc.offsets[t + 1]:]
+        head = head_payload(learner, list(future), [ds.classnames[c] for c in future],
+                            zero_shot[list(future)] if future else torch.zeros(0), version=t + 1)
+        if cfg.method == "zeroshot":
+            head[0]["keys"] = keys_for_method(cfg, learner).cpu()
+        save_state(out, learner, t, {"rows": rows, "timings": ctx.timings}, head)
+        step = [a for a in scores.class_il if a is not None]
+        reporter.log(f"[{cfg.method}] task {t + 1}/{sc.num_tasks}: class-IL accuracy {sum(step) / len(step):.2f}%")
+        if stop_after is not None and t == stop_after and t < sc.num_tasks - 1:
+            return None
+
+    metrics = {
+        "method": cfg.method,
+        "generator": cfg.generator.kind if cfg.method == "cgil" else None,
+        "model": cfg.model,
+        "pretrained": cfg.pretrained,
+        "seed": cfg.seed,
+        "dataset": ds.name,
+        "class_order": list(sc.order),
+        "class_names": ds.classnames,
+        "tasks": sc.tasks(),
+        "task_test_sizes": [len(l) for _, l in tests],
+        **rows,
+        **summarize(rows["accuracy_matrix"], [len(l) for _, l in tests], rows["transfer_matrix"],
+                    rows["transfer_unnormalised_matrix"]),
+        "conventions": {
+            "final_avg_acc": "mean over tasks of the last row (reference convention)",
+            "final_pooled_acc": "accuracy over all test samples pooled",
+            "transfer": "future tasks scored over all classes, zero-shot keys L2-normalised (ours)",
+            "transfer_unnormalised": "same with unnormalised zero-shot keys (reference implementation)",
+        },
+        "timings": ctx.timings,
+    }
+    from .report import write_run_report
+
+    write_run_report(out, metrics)
+    return metrics

@@ -1,0 +1,118 @@
+"""The `cgil` command line. Each command is a thin shell over one library entry point."""
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from cgil.errors import CgilError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Continual learning for a frozen CLIP (CGIL): train, export, serve, update.")
+console = Console()
+
+
+def fail(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def guarded(fn):
+    """Turn CgilError into a one-line message and exit code 2 instead of a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CgilError as e:
+            fail(str(e))
+
+    return wrapper
+
+
+@app.command()
+@guarded
+def train(
+    dataset: str = typer.Option("digits", help="digits | folder:PATH | a registered dataset name"),
+    data_dir: Optional[str] = typer.Option(None, help="Root folder of a registered dataset"),
+    model: str = typer.Option("cgil-tiny", help="open_clip architecture"),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip tag (e.g. openai) or a local checkpoint file; default random weights"),
+    method: str = typer.Option("cgil", help="cgil | zeroshot | joint | sequential | all"),
+    generator: str = typer.Option("vae", help="vae | mog | gauss | diffusion"),
+    tasks: Optional[int] = typer.Option(None, help="Number of tasks (default: the dataset's reference split)"),
+    seed: int = typer.Option(1992, help="Class order and learner seed"),
+    epochs: Optional[int] = typer.Option(None, help="Alignment epochs (default: dataset preset)"),
+    lr: Optional[float] = typer.Option(None, help="Alignment learning rate (default: dataset preset)"),
+    passes: Optional[int] = typer.Option(None, help="Generator passes over each class's features"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<timestamp>)"),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --out"),
+    quiet: bool = typer.Option(False, help="No progress bars"),
+):
+    """Train a class-incremental benchmark task by task and report the accuracy matrix and metrics."""
+    from cgil.config import METHODS, TrainConfig
+    from cgil.progress import Reporter
+    from cgil.report import matrix_table, summary_table, write_comparison
+    from cgil.train import run
+
+    overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "passes": passes}.items() if v is not None}
+    if method != "all" and method not in METHODS:
+        raise CgilError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}, all")
+    if resume and out is None:
+        raise CgilError("--resume needs --out RUN_DIR")
+    out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    reporter = Reporter(enabled=not quiet)
+    methods = list(METHODS) if method == "all" else [method]
+    console.print(f"run directory: {out}")
+    results, start = {}, time.perf_counter()
+    for m in methods:
+        cfg = TrainConfig.for_dataset(dataset, data_dir=data_dir, model=model, pretrained=pretrained, method=m,
+                                      generator=generator, tasks=tasks, seed=seed, device=device, **overrides)
+        metrics = run(cfg, out / m if len(methods) > 1 else out, resume=resume, reporter=reporter)
+        results[m] = metrics
+        if len(methods) == 1:
+            console.print(matrix_table(metrics["accuracy_matrix"], f"{m}: class-IL accuracy matrix (%)"))
+    if len(methods) > 1:
+        write_comparison(out, results)
+    console.print(summary_table(results, f"{dataset} · {model} · {'random weights' if not pretrained else pretrained}"))
+    console.print(f"done in {time.perf_counter() - start:.1f}s; results in {out}")
+
+
+@app.command("eval")
+@guarded
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory written by cgil train"),
+    dataset: Optional[str] = typer.Option(None, help="Evaluate on another dataset (classes matched by name)"),
+    data_dir: Optional[str] = typer.Option(None),
+):
+    """Re-evaluate a saved run's final head on a test split."""
+    from cgil.runs import evaluate_run
+    from cgil.report import summary_table
+
+    result = evaluate_run(run_dir, dataset, data_dir)
+    console.print(summary_table({result["method"]: result}, f"re-evaluation of {run_dir}"))
+    for name, acc in result["per_task"].items():
+        console.print(f"  {name}: {acc:.2f}%")
+
+
+@app.command()
+@guarded
+def info(run_dir: Path = typer.Argument(..., help="A run directory written by cgil train")):
+    """Print what a run holds: classes and the size in bytes of each part."""
+    from cgil.runs import run_info
+
+    console.print_json(data=run_info(run_dir))
+
+
+def main() -> None:  # python -m cli
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
