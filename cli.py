@@ -110,6 +110,22 @@ def info(run_dir: Path = typer.Argument(..., help="A run directory written by cg
     console.print_json(data=run_info(run_dir))
 
 
+# Commands owned by other packages register themselves: `register(app)` in each module below.
+_COMMAND_MODULES = ("cgil.data.commands", "export.commands", "runtime.commands", "benchmarks.commands")
+
+
+def _register_commands() -> None:
+    import importlib
+    import importlib.util
+
+    for name in _COMMAND_MODULES:
+        if importlib.util.find_spec(name.rsplit(".", 1)[0]) and importlib.util.find_spec(name):
+            importlib.import_module(name).register(app)
+
+
+_register_commands()
+
+
 def main() -> None:  # python -m cli
     app()
 
