@@ -1,5 +1,8 @@
 """Dataset registry: `get_dataset("digits")`, `get_dataset("folder:/path")`, or a registered name.
 
+Registered: digits (offline demo) and the paper's benchmarks read from their official layouts:
+imagenet-r, cub200, cars196, eurosat-rgb, isic, and cifar100 (see cgil/data/catalog.py).
+
 A loader is `fn(data_dir: Path | None) -> ImageDataset`; register more with `register_dataset`.
 """
 from __future__ import annotations
@@ -45,5 +48,8 @@ def get_dataset(spec: str, data_dir: Optional[str | Path] = None) -> ImageDatase
     ds.check()
     return ds
 
+
+# The paper's benchmarks (and CIFAR-100): each module registers its loader on import.
+from . import cars196, cifar100, cub200, eurosat, imagenet_r, isic  # noqa: E402,F401
 
 __all__ = ["ImageDataset", "Split", "get_dataset", "dataset_choices", "register_dataset", "load_image", "to_rgb"]
