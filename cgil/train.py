@@ -147,7 +147,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[
 
     tests = [ctx.features("test", k) for k in range(sc.num_tasks)]
     rows: dict[str, list] = {"accuracy_matrix": [], "task_il_matrix": [], "transfer_matrix": [],
-                             "transfer_unnormalised_matrix": []}
+                             "transfer_unnormalised_matrix": [], "timings_per_task": []}
     start_task = 0
     saved = state_dir(out) if resume else None
     if saved is not None:
@@ -162,6 +162,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[
 
     seen_train = [ctx.features("train", k) for k in range(start_task)] if cfg.method == "joint" else []
     for t in range(start_task, sc.num_tasks):
+        before = dict(ctx.timings)
         train = ctx.features("train", t)
         if cfg.method == "joint":
             seen_train.append(train)
@@ -173,6 +174,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[
         rows["task_il_matrix"].append(scores.task_il)
         rows["transfer_matrix"].append(scores.transfer)
         rows["transfer_unnormalised_matrix"].append(scores.transfer_unnormalised)
+        rows["timings_per_task"].append({k: round(ctx.timings[k] - before[k], 4) for k in PHASES})
         future = sc.order[sc.offsets[t + 1]:]
         head = head_payload(learner, list(future), [ds.classnames[c] for c in future],
                             zero_shot[list(future)] if future else torch.zeros(0), version=t + 1)
@@ -195,7 +197,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[
         "class_names": ds.classnames,
         "tasks": sc.tasks(),
         "task_test_sizes": [len(l) for _, l in tests],
-        **rows,
+        **{k: v for k, v in rows.items() if k != "timings_per_task"},
         **summarize(rows["accuracy_matrix"], [len(l) for _, l in tests], rows["transfer_matrix"],
                     rows["transfer_unnormalised_matrix"]),
         "conventions": {
@@ -205,6 +207,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[
             "transfer_unnormalised": "same with unnormalised zero-shot keys (reference implementation)",
         },
         "timings": ctx.timings,
+        "timings_per_task": rows["timings_per_task"],
     }
     from .report import write_run_report
 

@@ -62,9 +62,9 @@ class ClassGenerators(nn.Module, ABC):
     def lr(self) -> float:
         return self.cfg.lr if self.cfg.lr is not None else self.default_lr
 
-    def iterations(self, sizes: Sequence[int]) -> int:
-        """Every class gets at least `passes` passes over its features in batches of batch_size."""
-        return self.cfg.passes * max(1, math.ceil(max(sizes) / self.cfg.batch_size))
+    def iterations(self, sizes: Sequence[int]) -> list[int]:
+        """Per class: `passes` passes over its own features in batches of batch_size."""
+        return [self.cfg.passes * max(1, math.ceil(n / self.cfg.batch_size)) for n in sizes]
 
     def check_sizes(self, feats: Sequence[torch.Tensor], names: Optional[Sequence[str]] = None) -> None:
         if len(feats) != self.num_classes:
@@ -106,5 +106,9 @@ class ClassGenerators(nn.Module, ABC):
 
 
 def randn_per_class(gens: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
-    """(K, *shape) standard normals, class k drawn from its own generator."""
+    """(K, *shape) standard normals, class k drawn from its own generator.
+
+    Callers always draw whole chunks of the same shape, so a class's noise stream is the same
+    whether it trains alone or in a batch.
+    """
     return torch.stack([torch.randn(*shape, generator=g) for g in gens])

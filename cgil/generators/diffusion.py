@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ClassGenerators, Progress, randn_per_class
-from .layers import BatchedLinear, MinMaxZScore, batch_indices, class_generators, pad_features
+from .layers import BatchedAdam, BatchedLinear, MinMaxZScore, batch_indices, class_generators, lr_table, pad_features
 
 _TIME_DIM = 64
 _NOISE_CHUNK = 64
@@ -70,18 +70,20 @@ class DiffusionGenerators(ClassGenerators):
         d, bsz, steps = self.dim, self.cfg.batch_size, self.cfg.diffusion_steps
         sizes = [f.shape[0] for f in feats]
         x, mask = pad_features(feats)
-        norm = MinMaxZScore.fit(x, mask)
+        norm = MinMaxZScore.fit(feats)
         x = norm.forward(x).to(device)
         gens = class_generators(seed, self.class_ids)
         net = _Denoiser([BatchedLinear(gens, i, o) for i, o in self._layer_shapes()]).to(device)
-        iters = self.iterations(sizes)
-        idx = batch_indices(gens, sizes, iters, bsz).to(device)
+        per_class_iters = self.iterations(sizes)
+        iters = max(per_class_iters)
+        idx = batch_indices(class_generators(seed, self.class_ids, stream=1), sizes, iters, bsz).to(device)
         alpha_bar = cosine_alpha_bar(steps).to(device)
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr)
+        lrs = lr_table(self.lr, per_class_iters, schedule=False)
+        opt = BatchedAdam(list(net.parameters()), weight_decay=0.01)  # AdamW's default decay
         loss_k = torch.zeros(self.num_classes)
         for it in range(iters):
             if it % _NOISE_CHUNK == 0:
-                chunk = min(_NOISE_CHUNK, iters - it)
+                chunk = _NOISE_CHUNK
                 noise = randn_per_class(gens, (chunk, bsz, d)).to(device)
                 tsteps = torch.stack([torch.randint(0, steps, (chunk, bsz), generator=g) for g in gens]).to(device)
             eps, t = noise[:, it % _NOISE_CHUNK], tsteps[:, it % _NOISE_CHUNK]
@@ -89,9 +91,9 @@ class DiffusionGenerators(ClassGenerators):
             ab = alpha_bar[t].unsqueeze(-1)
             xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
             loss_k = (net(xt, t) - eps).pow(2).mean(dim=(1, 2))
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss_k.sum().backward()
-            opt.step()
+            opt.step(lrs[it])
             if progress:
                 progress(it + 1, iters)
         self.build_empty()
@@ -99,7 +101,7 @@ class DiffusionGenerators(ClassGenerators):
         self.norm_scale.copy_(norm.scale)
         self.norm_shift.copy_(norm.shift)
         self.to(device)
-        return {"iterations": iters, "final_loss": float(loss_k.detach().mean())}
+        return {"iterations": per_class_iters, "final_loss": float(loss_k.detach().mean())}
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:

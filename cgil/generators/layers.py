@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 
-def class_seed(seed: int, class_id: int) -> int:
-    """Independent, reproducible stream per (experiment seed, class)."""
-    return int(np.random.SeedSequence([int(seed), int(class_id)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def class_seed(seed: int, class_id: int, stream: int = 0) -> int:
+    """Independent, reproducible stream per (experiment seed, class, purpose)."""
+    return int(np.random.SeedSequence([int(seed), int(class_id), stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def class_generators(seed: int, class_ids: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(class_seed(seed, c)) for c in class_ids]
+def class_generators(seed: int, class_ids: Sequence[int], stream: int = 0) -> list[torch.Generator]:
+    """One RNG per class. Use a separate `stream` for each kind of draw whose length depends on the
+    number of iterations (data order vs. noise), so that no draw shifts another class's stream."""
+    return [torch.Generator().manual_seed(class_seed(seed, c, stream)) for c in class_ids]
 
 
 class BatchedLinear(nn.Module):
@@ -63,7 +65,11 @@ class BatchedBatchNorm(nn.Module):
 
 
 def batch_indices(gens: Sequence[torch.Generator], sizes: Sequence[int], iters: int, batch: int) -> torch.Tensor:
-    """(K, iters, batch) sample indices: each class walks its own reshuffled epochs."""
+    """(K, iters, batch) sample indices: each class walks its own reshuffled epochs.
+
+    A class's stream does not depend on the other classes (its first steps are the same for any
+    `iters`), which keeps batched training equal to training the class alone.
+    """
     out = torch.empty(len(gens), iters * batch, dtype=torch.long)
     for k, (g, n) in enumerate(zip(gens, sizes)):
         need = iters * batch
@@ -95,19 +101,78 @@ class MinMaxZScore:
         self.scale, self.shift = scale, shift  # (K, 1, D)
 
     @classmethod
-    def fit(cls, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> "MinMaxZScore":
-        m = mask.unsqueeze(-1)
-        lo = torch.where(m, x, torch.full_like(x, float("inf"))).amin(dim=1, keepdim=True)
-        hi = torch.where(m, x, torch.full_like(x, float("-inf"))).amax(dim=1, keepdim=True)
-        rng = (hi - lo).clamp_min(eps)
-        u = (x - lo) / rng
-        n = m.sum(dim=1, keepdim=True).clamp_min(1)
-        mean = (u * m).sum(dim=1, keepdim=True) / n
-        std = ((((u - mean) * m) ** 2).sum(dim=1, keepdim=True) / n).sqrt().clamp_min(eps)
-        return cls(scale=std * rng, shift=mean * rng + lo)
+    def fit(cls, feats: Sequence[torch.Tensor], eps: float = 1e-8) -> "MinMaxZScore":
+        """Statistics per class on its own (unpadded) features: padding would change float sums."""
+        scales, shifts = [], []
+        for f in feats:
+            f = f.float().cpu()
+            lo, hi = f.amin(0), f.amax(0)
+            rng = (hi - lo).clamp_min(eps)
+            u = (f - lo) / rng
+            mean, std = u.mean(0), u.std(0, unbiased=False).clamp_min(eps)
+            scales.append(std * rng)
+            shifts.append(mean * rng + lo)
+        return cls(scale=torch.stack(scales).unsqueeze(1), shift=torch.stack(shifts).unsqueeze(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.shift) / self.scale
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.scale + self.shift
+
+
+def cosine_warm_restarts(iters: int, t0: int, t_mult: int = 2) -> torch.Tensor:
+    """Learning-rate factors for `iters` steps of SGDR (cosine annealing with warm restarts, eta_min 0)."""
+    out = torch.empty(iters, dtype=torch.float64)
+    t_cur, t_i = 0, max(1, t0)
+    for step in range(iters):
+        out[step] = 0.5 * (1.0 + math.cos(math.pi * t_cur / t_i))
+        t_cur += 1
+        if t_cur >= t_i:
+            t_cur, t_i = t_cur - t_i, t_i * t_mult
+    return out.float()
+
+
+def lr_table(base_lr: float, iters: Sequence[int], schedule: bool) -> torch.Tensor:
+    """(max_iters, K) per-class learning rates; zero once a class has done its own iterations.
+
+    Classes of one task can need different iteration counts (passes x batches of their own size).
+    A zero rate freezes a finished class exactly, so a class trained inside a batch ends where it
+    would have ended trained alone.
+    """
+    table = torch.zeros(max(iters), len(iters))
+    for k, n in enumerate(iters):
+        table[:n, k] = base_lr * (cosine_warm_restarts(n, n // 10) if schedule else torch.ones(n))
+    return table
+
+
+class BatchedAdam:
+    """Adam / AdamW for parameters whose first dimension is the class, with a learning rate per class.
+
+    Same update as torch.optim.Adam(W) element by element; only the step size differs per class.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.params = list(params)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor) -> None:
+        self.steps += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+        for p, m, v in zip(self.params, self.m, self.v):
+            step_size = lr.to(p.device).view(-1, *[1] * (p.ndim - 1))
+            if self.weight_decay:
+                p.mul_(1 - step_size * self.weight_decay)
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.sub_(step_size * (m / c1) / ((v / c2).sqrt() + self.eps))

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ClassGenerators, Progress, randn_per_class
-from .layers import BatchedBatchNorm, BatchedLinear, MinMaxZScore, batch_indices, class_generators, pad_features
+from .layers import (BatchedAdam, BatchedBatchNorm, BatchedLinear, MinMaxZScore, batch_indices, class_generators,
+                     lr_table, pad_features)
 
 _NOISE_CHUNK = 64  # iterations of reparameterisation noise drawn at once per class
 
@@ -52,7 +53,7 @@ class VAEGenerators(ClassGenerators):
         d, h, l, bsz = self.dim, self.cfg.hidden_dim, self.cfg.latent_dim, self.cfg.batch_size
         sizes = [f.shape[0] for f in feats]
         x, mask = pad_features(feats)
-        norm = MinMaxZScore.fit(x, mask)
+        norm = MinMaxZScore.fit(feats)
         x = norm.forward(x).to(device)
 
         gens = class_generators(seed, self.class_ids)
@@ -62,16 +63,16 @@ class VAEGenerators(ClassGenerators):
             BatchedLinear(gens, h, 2 * l),
         ]).to(device)
         dec = _Decoder([BatchedLinear(gens, l, h), BatchedLinear(gens, h, h), BatchedLinear(gens, h, d)]).to(device)
-        iters = self.iterations(sizes)
-        idx = batch_indices(gens, sizes, iters, bsz).to(device)
+        per_class_iters = self.iterations(sizes)
+        iters = max(per_class_iters)
+        idx = batch_indices(class_generators(seed, self.class_ids, stream=1), sizes, iters, bsz).to(device)
+        lrs = lr_table(self.lr, per_class_iters, schedule=True)  # SGDR, T_0 = iters/10, T_mult = 2
 
-        opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=self.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, iters // 10), T_mult=2)
-        gather_index = torch.empty(0)
+        opt = BatchedAdam([*enc.parameters(), *dec.parameters()])
         loss_k = torch.zeros(self.num_classes)
         for it in range(iters):
             if it % _NOISE_CHUNK == 0:
-                noise = randn_per_class(gens, (min(_NOISE_CHUNK, iters - it), bsz, l)).to(device)
+                noise = randn_per_class(gens, (_NOISE_CHUNK, bsz, l)).to(device)
             gather_index = idx[:, it, :, None].expand(-1, -1, d)
             xb = torch.gather(x, 1, gather_index)
             hidden = xb
@@ -85,10 +86,9 @@ class VAEGenerators(ClassGenerators):
             nll = 0.5 * (recon - xb).pow(2).sum(dim=(1, 2))
             kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=(1, 2))
             loss_k = (nll + kl) / bsz
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss_k.sum().backward()  # classes share no parameters: each gets exactly its own gradient
-            opt.step()
-            sched.step()
+            opt.step(lrs[it])
             if progress:
                 progress(it + 1, iters)
 
@@ -97,7 +97,7 @@ class VAEGenerators(ClassGenerators):
         self.norm_scale.copy_(norm.scale)
         self.norm_shift.copy_(norm.shift)
         self.to(device)
-        return {"iterations": iters, "final_loss": float(loss_k.detach().mean())}
+        return {"iterations": per_class_iters, "final_loss": float(loss_k.detach().mean())}
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
