@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .artifacts import load_tensors, save_tensors
 from .clip import FrozenClip
 from .data import ImageDataset, load_image
@@ -38,17 +39,36 @@ def cache_key(clip: FrozenClip, dataset: ImageDataset, split: str, classes: Sequ
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def embed_items(clip: FrozenClip, items: Sequence, batch_size: int = 64, progress: Progress = None) -> torch.Tensor:
-    """(N, D) float32 CPU embeddings of images given as paths, arrays or PIL images."""
+def _embed_local(clip: FrozenClip, items: Sequence, batch_size: int, progress: Progress,
+                 scale: int = 1, total: Optional[int] = None) -> torch.Tensor:
     out = []
+    total = len(items) if total is None else total
     for start in range(0, len(items), batch_size):
         batch = torch.stack([clip.preprocess(load_image(it)) for it in items[start:start + batch_size]])
         out.append(clip.encode_images(batch).cpu())
         if progress:
-            progress(min(start + batch_size, len(items)), len(items))
+            progress(min(scale * min(start + batch_size, len(items)), total), total)
     if not out:
         return torch.zeros(0, clip.identity.embed_dim)
     return torch.cat(out)
+
+
+def embed_items(clip: FrozenClip, items: Sequence, batch_size: int = 64, progress: Progress = None) -> torch.Tensor:
+    """(N, D) float32 CPU embeddings of images given as paths, arrays or PIL images.
+
+    Under torchrun (torch.distributed initialised, world size > 1) every rank embeds a contiguous
+    shard of whole batches and the shards are gathered in order, so every rank returns exactly the
+    tensor one process would compute. Only rank 0 reports progress (its shard, scaled to the total).
+    """
+    if not distributed.is_distributed():
+        return _embed_local(clip, items, batch_size, progress)
+    start, stop = distributed.batch_shard(len(items), batch_size)
+    local = _embed_local(clip, items[start:stop], batch_size, progress if distributed.is_main() else None,
+                         scale=distributed.world_size(), total=len(items))
+    feats = distributed.all_gather_rows(local)
+    if progress and distributed.is_main():
+        progress(len(items), len(items))
+    return feats
 
 
 def task_features(
@@ -65,14 +85,27 @@ def task_features(
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "features" / f"{cache_key(clip, dataset, split, classes)}.safetensors"
-        if path.exists():
-            cached = load_tensors(path)
-            if cached["labels"].shape[0] == len(part) and np.array_equal(cached["labels"].numpy(), part.labels):
-                return cached["features"], cached["labels"]
+    # Under torchrun rank 0 alone reads and writes the cache; the others get its decision (and a
+    # cached tensor) by broadcast, so ranks never disagree even without a shared file system.
+    cached = _read_cache(path, part.labels) if distributed.is_main() else None
+    if distributed.is_distributed():
+        cached = distributed.broadcast(cached)
+    if cached is not None:
+        return cached
     feats = embed_items(clip, part.items, batch_size, progress)
     labels = torch.from_numpy(part.labels.copy())
-    if path is not None:
+    if path is not None and distributed.is_main():
         save_tensors(path, {"features": feats, "labels": labels},
                      metadata={"model": clip.identity.model, "weights": clip.identity.weights_id,
                                "dataset": dataset.dataset_id, "split": split})
+    distributed.barrier()  # the cache file exists before any rank goes on
     return feats, labels
+
+
+def _read_cache(path: Optional[Path], labels: np.ndarray) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    if path is None or not path.exists():
+        return None
+    cached = load_tensors(path)
+    if cached["labels"].shape[0] == len(labels) and np.array_equal(cached["labels"].numpy(), labels):
+        return cached["features"], cached["labels"]
+    return None

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import distributed
 from .artifacts import atomic_write_json, read_json
 from .clip import FrozenClip, create_clip
 from .config import METHODS, TrainConfig, differences
@@ -93,7 +94,7 @@ def prepare(cfg: TrainConfig, out: Path, resume: bool, reporter: Reporter, cache
         if diffs:
             raise CgilError(f"--resume refused, settings differ from the run in {out}: " + "; ".join(diffs))
     clip = create_clip(cfg.model, cfg.pretrained, cfg.device, cfg.model_seed)
-    if not resume or not config_path.exists():
+    if (not resume or not config_path.exists()) and distributed.is_main():
         atomic_write_json(config_path, {
             "settings": cfg.to_dict(),
             "dataset_id": dataset.dataset_id,
@@ -138,6 +139,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[
         reporter: Optional[Reporter] = None, cache_dir: Optional[Path] = None) -> Optional[dict[str, Any]]:
     """Train one method over all tasks. Returns the metrics, or None when stopped early by `stop_after`."""
     reporter = reporter or Reporter()
+    if distributed.init_from_env(cfg.device) and not distributed.is_main():
+        reporter = Reporter(enabled=False)  # torchrun: rank 0 alone prints and writes run files
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
@@ -180,7 +183,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[
                             zero_shot[list(future)] if future else torch.zeros(0), version=t + 1)
         if cfg.method == "zeroshot":
             head[0]["keys"] = keys_for_method(cfg, learner).cpu()
-        save_state(out, learner, t, {"rows": rows, "timings": ctx.timings}, head)
+        if distributed.is_main():
+            save_state(out, learner, t, {"rows": rows, "timings": ctx.timings}, head)
         step = [a for a in scores.class_il if a is not None]
         reporter.log(f"[{cfg.method}] task {t + 1}/{sc.num_tasks}: class-IL accuracy {sum(step) / len(step):.2f}%")
         if stop_after is not None and t == stop_after and t < sc.num_tasks - 1:
@@ -211,5 +215,6 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[
     }
     from .report import write_run_report
 
-    write_run_report(out, metrics)
+    if distributed.is_main():
+        write_run_report(out, metrics)
     return metrics
