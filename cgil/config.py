@@ -5,10 +5,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from .clip import DEFAULT_MODEL
+from .errors import CgilError
 from .generators import GeneratorConfig
 from .learner import AlignConfig
 
 METHODS = ("cgil", "zeroshot", "joint", "sequential")
+# `--preset paper`: the CGIL paper's benchmarks, run with the reference hyperparameters (spec section 5).
+PAPER_DATASETS = ("imagenet-r", "cars196", "cub200", "eurosat-rgb", "isic")
+PRESET_NAMES = ("paper",)
 
 # Dataset presets: the reference hyperparameters of the paper (lr, epochs, VAE passes) and ours
 # for the offline digits demo, sized to finish all four methods in minutes on two CPU cores.
@@ -35,6 +39,7 @@ class TrainConfig:
     device: str = "cpu"
     n_ctx: int = 1
     feature_batch_size: int = 64
+    preset: Optional[str] = None  # "paper": reference hyperparameters of the dataset (recorded in config.json)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
 
@@ -49,13 +54,24 @@ class TrainConfig:
         return cls(**kw)
 
     @classmethod
-    def for_dataset(cls, dataset: str, **overrides: Any) -> "TrainConfig":
-        """Defaults with the dataset's preset applied (if any), then explicit overrides."""
-        preset = PRESETS.get(dataset, {})
-        cfg = cls(dataset=dataset)
-        for k, v in preset.get("align", {}).items():
+    def for_dataset(cls, dataset: str, preset: Optional[str] = None, **overrides: Any) -> "TrainConfig":
+        """Defaults with the dataset's preset applied (if any), then explicit overrides.
+
+        `preset="paper"` demands the reference settings: the paper's generic ones (VAE, S = 256,
+        batches of 128, AdamW without weight decay, one context token: this class's defaults) and the
+        dataset's lr / epochs / VAE passes; it refuses a dataset the paper has no values for.
+        Explicit overrides still win and are recorded next to `preset` in config.json.
+        """
+        if preset is not None and preset not in PRESET_NAMES:
+            raise CgilError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
+        if preset == "paper" and dataset not in PAPER_DATASETS:
+            raise CgilError(f"--preset paper: the paper has no reference hyperparameters for {dataset!r}; "
+                            f"its benchmarks are {', '.join(PAPER_DATASETS)}")
+        values = PRESETS.get(dataset, {})
+        cfg = cls(dataset=dataset, preset=preset)
+        for k, v in values.get("align", {}).items():
             setattr(cfg.align, k, v)
-        for k, v in preset.get("generator", {}).items():
+        for k, v in values.get("generator", {}).items():
             setattr(cfg.generator, k, v)
         for k, v in overrides.items():
             if k in ("epochs", "lr"):

@@ -380,7 +380,33 @@ def test_train_runs_on_a_benchmark_layout(tmp_path):
     from cgil.progress import Reporter
     from cgil.train import run
 
-    cfg = TrainConfig.for_dataset("isic", data_dir=str(make_isic(tmp_path / "isic")), epochs=1, passes=2)
+    cfg = TrainConfig.for_dataset("isic", preset="paper", data_dir=str(make_isic(tmp_path / "isic")),
+                                  epochs=1, passes=2)
     metrics = run(cfg, tmp_path / "run", reporter=Reporter(enabled=False), cache_dir=tmp_path / "cache")
     assert metrics["tasks"] and len(metrics["tasks"]) == 3
     assert sorted(c for t in metrics["tasks"] for c in t) == list(range(6))
+    settings = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]
+    assert settings["preset"] == "paper" and settings["align"]["lr"] == 0.05  # explicit overrides recorded too
+    assert settings["align"]["epochs"] == 1 and settings["generator"]["passes"] == 2
+
+
+@pytest.mark.parametrize("name,lr,epochs,passes", [("imagenet-r", 0.05, 60, 500), ("cars196", 0.03, 60, 500),
+                                                   ("cub200", 0.01, 60, 500), ("eurosat-rgb", 0.03, 150, 500),
+                                                   ("isic", 0.05, 150, 750)])
+def test_paper_preset(name, lr, epochs, passes):
+    from cgil.config import TrainConfig
+
+    cfg = TrainConfig.for_dataset(name, preset="paper")
+    d = cfg.to_dict()
+    assert d["preset"] == "paper" and d["generator"]["kind"] == "vae" and d["n_ctx"] == 1
+    assert (d["align"]["lr"], d["align"]["epochs"], d["generator"]["passes"]) == (lr, epochs, passes)
+    assert (d["align"]["batch_size"], d["align"]["samples_per_class"], d["align"]["weight_decay"]) == (128, 256, 0.0)
+    assert TrainConfig.from_dict(d).to_dict() == d
+
+
+@pytest.mark.parametrize("name,preset", [("cifar100", "paper"), ("digits", "paper"), ("isic", "fast")])
+def test_paper_preset_refuses(name, preset):
+    from cgil.config import TrainConfig
+
+    with pytest.raises(CgilError, match="preset"):
+        TrainConfig.for_dataset(name, preset=preset)
