@@ -1,0 +1,253 @@
+"""`export_bundle`: a finished run -> a verified deployment bundle (layout: see runtime.bundle).
+
+The bundle is built in a temporary sibling folder, every graph is checked (onnx.checker, then ONNX
+Runtime against PyTorch on the run's own test images), the result is re-read as the runtime would
+read it, and only then renamed to its final name. A failed check leaves no bundle behind.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from cgil.artifacts import atomic_write_json, load_tensors, publish_version, read_json, save_tensors, verify_manifest
+from cgil.clip import FrozenClip, create_clip
+from cgil.config import TrainConfig
+from cgil.data import get_dataset, load_image
+from cgil.errors import CgilError
+from cgil.runs import open_run
+from cgil.state import check_identity, load_learner
+from runtime.bundle import BUNDLE_KIND, HEAD_KIND, HEADS_DIR, MANIFEST, SCHEMA_VERSION, load_head, open_bundle, sha256_file
+from runtime.preprocess import Preprocess
+
+from . import onnx_export as ox
+from .quantize import to_fp16, to_int8, top1_agreement
+
+FORMATS = ("onnx", "tensorrt", "triton")
+PRECISIONS = ("fp32", "fp16", "int8")
+# Least top-1 agreement with the fp32 graph on the test split before a reduced-precision export is refused.
+MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.99, "int8": 0.95}
+CHECK_IMAGES = 1024  # at most this many test images for the checks, calibration likewise from train
+HEAD_FILES = ("head.safetensors", "head.json", "store.safetensors", "store.json", "prompts.safetensors", "prompts.json")
+TEMPLATE = "a photo of a {}"  # = cgil.text.TextEncoder.zero_shot's default
+
+
+def _subset(items: list, labels: np.ndarray, limit: int) -> list:
+    """A deterministic, class-balanced-enough subset: every k-th item."""
+    step = max(1, -(-len(items) // limit))
+    return items[::step]
+
+
+def _pixels(pre: Preprocess, items: list) -> np.ndarray:
+    return pre.batch([load_image(x) for x in items])
+
+
+def _bpe_tokenizer(clip: FrozenClip) -> Optional[dict[str, Any]]:
+    """The tokenizer facts the torch-free runtime needs, or None if it is not open_clip's CLIP BPE."""
+    from open_clip.tokenizer import SimpleTokenizer, _clean_lower, default_bpe
+
+    tok = clip.tokenizer
+    if type(tok) is not SimpleTokenizer or tok.clean_fn is not _clean_lower or tok.reduction_fn is not None:
+        return None
+    return {"source": default_bpe(), "context_length": int(tok.context_length),
+            "sot": int(tok.sot_token_id), "eot": int(tok.eot_token_id)}
+
+
+def _embed_ort(path: Path, pixels: np.ndarray, precision: str) -> np.ndarray:
+    from runtime.backends import OnnxRuntimeImage
+
+    backend = OnnxRuntimeImage(path, ["CPUExecutionProvider"], precision)
+    # batch 1, then 64s, then a remainder: the dynamic batch axis is exercised at several sizes
+    bounds = [0, 1] + list(range(65, len(pixels), 64)) + [len(pixels)]
+    return np.concatenate([backend.embed(pixels[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a])
+
+
+def _embed_torch(graph: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.cat([graph(torch.from_numpy(pixels[i:i + 64])) for i in range(0, len(pixels), 64)]).numpy()
+
+
+def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str = "fp32", max_batch: int = 32,
+                  force: bool = False, min_agreement: Optional[float] = None,
+                  report: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Export RUN's current state to the bundle folder OUT; returns the bundle manifest."""
+    run_dir, out = Path(run_dir), Path(out)
+    if format not in FORMATS:
+        raise CgilError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise CgilError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if not 1 <= max_batch <= 4096:
+        raise CgilError(f"--max-batch must be between 1 and 4096, got {max_batch}")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CgilError(f"{out} exists and is not empty; pass --force to replace it")
+    if format == "tensorrt":
+        from .tensorrt import require_tensorrt
+
+        require_tensorrt()  # fail before minutes of export work, not after
+
+    config, state = open_run(run_dir)
+    verify_manifest(state)
+    cfg = TrainConfig.from_dict(config["settings"])
+    clip = create_clip(cfg.model, cfg.pretrained, "cpu", cfg.model_seed)
+    head_meta = read_json(state / "head.json")
+    check_identity(head_meta["model"], clip, state)
+    learner, _ = load_learner(state, clip)
+    preprocess = ox.model_preprocess(clip)
+    pre = Preprocess.from_config(preprocess)
+    ds = get_dataset(cfg.dataset, cfg.data_dir)
+    test_pixels = _pixels(pre, _subset(ds.test.items, ds.test.labels, CHECK_IMAGES))
+    keys = load_tensors(state / "head.safetensors")["keys"].float().numpy()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        checks: dict[str, Any] = {}
+        report(f"exporting the image path of {cfg.model} ({len(test_pixels)} test images for the checks)")
+        fp32_path = ox.export_image(clip, preprocess, tmp / "image.fp32.onnx")
+        graph = ox.ImageGraph(clip.model, preprocess["mean"], preprocess["std"]).eval()
+        reference = _embed_torch(graph, test_pixels)
+        fp32 = _embed_ort(fp32_path, test_pixels, "fp32")
+        cos = ox.min_cosine(fp32, reference)
+        ox.require_cosine("image graph (fp32)", cos)
+        checks["image_fp32"] = {"min_cosine_vs_torch": cos, "top1_agreement_vs_torch": top1_agreement(reference, fp32, keys),
+                                "images": len(test_pixels)}
+        report(f"  fp32 image graph: min cosine vs PyTorch {cos:.6f}")
+
+        image_path = tmp / "image.onnx"
+        if precision == "fp32":
+            fp32_path.rename(image_path)
+        else:
+            if precision == "fp16":
+                to_fp16(fp32_path, image_path)
+            else:
+                train_items = _subset(ds.train.items, ds.train.labels, CHECK_IMAGES)
+                report(f"  calibrating int8 on {len(train_items)} training images")
+                calib = _pixels(pre, train_items)
+                to_int8(fp32_path, image_path, [calib[i:i + 32] for i in range(0, len(calib), 32)])
+            low = _embed_ort(image_path, test_pixels, precision)
+            agreement = top1_agreement(fp32, low, keys)
+            checks[f"image_{precision}"] = {"top1_agreement_vs_fp32": agreement,
+                                            "min_cosine_vs_fp32": ox.min_cosine(low, fp32),
+                                            "images": len(test_pixels)}
+            report(f"  {precision} image graph: top-1 agreement with fp32 {agreement:.2%}, "
+                   f"min cosine {checks[f'image_{precision}']['min_cosine_vs_fp32']:.5f}")
+            needed = MIN_AGREEMENT[precision] if min_agreement is None else min_agreement
+            if agreement < needed:
+                raise CgilError(f"{precision} export refused: top-1 agreement with fp32 {agreement:.2%} < {needed:.0%}")
+            fp32_path.unlink()
+
+        text = _export_text(clip, learner, tmp, checks, report)
+        engine: dict[str, Any] = {"image": "image.onnx"}
+        h, w = preprocess["size"]
+        if format == "tensorrt":
+            from .tensorrt import build_engine
+
+            report(f"  building a TensorRT {precision} engine (batch 1..{max_batch})")
+            plan, key = build_engine(image_path, precision, (h, w), max_batch)
+            (tmp / "tensorrt").mkdir()
+            (tmp / "tensorrt" / "image.plan").write_bytes(plan)
+            engine["tensorrt"] = {"plan": "tensorrt/image.plan", "key": key}
+        if format == "triton":
+            from .triton import write_repository
+
+            model_file = write_repository(tmp / "triton", image_path.read_bytes(), (h, w), clip.identity.embed_dim, max_batch)
+            image_path.unlink()  # one copy only: the runtime reads the model inside the Triton repository
+            engine = {"image": str(model_file.relative_to(tmp)), "triton": {"repository": "triton", "model": "cgil_image"}}
+
+        head_dir = _publish_head(state, learner, tmp, clip)
+        files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file() and p.relative_to(tmp).parts[0] != HEADS_DIR}
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": BUNDLE_KIND,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "format": format,
+            "precision": precision,
+            "max_batch": max_batch,
+            "model": clip.identity.to_dict(),
+            "preprocess": preprocess,
+            "logit_scale": float(clip.logit_scale),
+            "engine": engine,
+            "text": text,
+            "head": {"version_dir": f"{HEADS_DIR}/{head_dir.name}", "head_version": head_meta["head_version"],
+                     "class_names": head_meta["class_names"],
+                     "future_class_names": head_meta.get("future_class_names", [])},
+            "checks": checks,
+            "source": {"run": str(run_dir.resolve()), "state_version": state.name},
+            "files": files,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        open_bundle(tmp)  # re-read exactly as a device will: every sha256, the head's model identity
+        load_head(tmp, manifest["model"])
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report(f"bundle written to {out}")
+    return manifest
+
+
+def _export_text(clip: FrozenClip, learner, tmp: Path, checks: dict, report) -> Optional[dict[str, Any]]:
+    tok = _bpe_tokenizer(clip)
+    if tok is None:
+        report("  no text graphs: the model's tokenizer is not open_clip's CLIP BPE")
+        return None
+    prompts = learner.prompts
+    names = list(prompts.class_names) or ["object"]
+    context = ox.prompt_context(learner)
+    tokens = prompts.tokens.cpu()
+    eot = tok["eot"]
+    ox.export_text(clip, eot, tokens if len(tokens) else clip.tokenizer(["X X object."]), context if len(context) else
+                   torch.zeros(1, prompts.n_ctx + 1, prompts.text.tower.width), tmp / "text_zero_shot.onnx",
+                   tmp / "text_prompted.onnx")
+    zs_session, pr_session = ox.ort_session(tmp / "text_zero_shot.onnx"), ox.ort_session(tmp / "text_prompted.onnx")
+    zs_tokens = ox.truncate_tokens(clip.tokenizer([TEMPLATE.format(n) for n in names]), eot)
+    zs = zs_session.run(None, {ox.TOKENS: zs_tokens.numpy()})[0]
+    zs_ref = prompts.text.zero_shot(names).numpy()
+    checks["text_zero_shot"] = {"min_cosine_vs_torch": ox.min_cosine(zs, zs_ref), "texts": len(names)}
+    ox.require_cosine("zero-shot text graph", checks["text_zero_shot"]["min_cosine_vs_torch"])
+    if len(tokens):
+        keys = pr_session.run(None, {ox.CONTEXT: context.numpy(), ox.TOKENS: ox.truncate_tokens(tokens, eot).numpy()})[0]
+        with torch.no_grad():
+            ref = prompts.keys().float().numpy()
+        checks["text_prompted"] = {"min_cosine_vs_torch": ox.min_cosine(keys, ref), "classes": len(ref)}
+        ox.require_cosine("prompted text graph", checks["text_prompted"]["min_cosine_vs_torch"])
+    report(f"  text graphs: min cosine vs PyTorch {checks['text_zero_shot']['min_cosine_vs_torch']:.6f} (zero-shot), "
+           f"{checks.get('text_prompted', {}).get('min_cosine_vs_torch', float('nan')):.6f} (prompted)")
+    vocab = tmp / "tokenizer" / Path(tok["source"]).name
+    vocab.parent.mkdir()
+    shutil.copyfile(tok["source"], vocab)
+    return {"zero_shot": "text_zero_shot.onnx", "prompted": "text_prompted.onnx", "template": TEMPLATE,
+            "tokenizer": {"kind": "clip-bpe", "vocab": str(vocab.relative_to(tmp)), "context_length": tok["context_length"],
+                          "sot": tok["sot"], "eot": eot}}
+
+
+def _publish_head(state: Path, learner, tmp: Path, clip: FrozenClip) -> Path:
+    """heads/head-NNNN: the run's head, replay store and prompts, plus the prompted graph's inputs."""
+    meta = read_json(state / "head.json")
+
+    def write(d: Path) -> None:
+        for name in HEAD_FILES:
+            if (state / name).exists():
+                shutil.copyfile(state / name, d / name)
+        save_tensors(d / "prompt_context.safetensors",
+                     {"context": ox.prompt_context(learner), "tokens": learner.prompts.tokens.cpu()})
+
+    return publish_version(tmp / HEADS_DIR, f"head-{int(meta['head_version']):04d}", write, kind=HEAD_KIND,
+                           extra={"model": clip.identity.to_dict()})
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished bundle into place; an existing one (only with --force) is moved aside first."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

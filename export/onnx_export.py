@@ -1,0 +1,232 @@
+"""The prompted CLIP image and text paths as ONNX graphs.
+
+Three graphs, each with a dynamic batch axis and opset 18 (>= 17, so TensorRT keeps
+LayerNormalization as one layer):
+
+* image:      uint8 pixels (N, H, W, 3), already resized/cropped  ->  L2-normalised embedding (N, D).
+              Scaling to [0, 1] and the mean/std normalisation are folded into the graph, so a
+              device only has to resize and crop.
+* zero-shot:  token ids (N, L)  ->  unnormalised text embedding (N, D) (z_c of the spec), so a
+              device can add class names without torch.
+* prompted:   learned context (N, n_ctx + 1, W) + token ids (N, L)  ->  L2-normalised key (N, D).
+
+The text graphs take tokens already truncated to the batch's longest EOT position + 1, exactly as
+`cgil.text.TextEncoder` does (the text transformer is causal, so this is exact); L is a dynamic axis.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cgil.clip import FrozenClip
+from cgil.errors import CgilError
+from cgil.text import TextTower
+
+OPSET = 18
+IMAGE_INPUT, IMAGE_OUTPUT = "pixels", "image_embedding"
+TOKENS, CONTEXT = "tokens", "context"
+TEXT_OUTPUT, KEY_OUTPUT = "text_embedding", "key"  # not "embedding": the exporter uses that name inside
+MIN_COSINE = 0.9999
+
+
+def model_preprocess(clip: FrozenClip) -> dict[str, Any]:
+    """open_clip's evaluation preprocessing of this model as plain JSON data."""
+    import json
+
+    import open_clip
+
+    try:  # the core helper; it targets an older open_clip layout, so fall back to the public one
+        from cgil.clip import preprocess_config
+
+        cfg = preprocess_config(clip)
+    except ImportError:
+        cfg = dict(open_clip.get_model_preprocess_cfg(clip.model))
+        cfg.setdefault("interpolation", "bicubic")
+        cfg.setdefault("resize_mode", "shortest")
+    cfg = json.loads(json.dumps(cfg))
+    size = cfg.get("size", clip.identity.image_size)
+    cfg["size"] = [size, size] if isinstance(size, int) else list(size)
+    cfg.setdefault("fill_color", 0)
+    return cfg
+
+
+class ImageGraph(nn.Module):
+    """uint8 NHWC pixels -> normalised CLIP image embedding; (x/255 - mean)/std folded into one FMA."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.register_buffer("scale", (1.0 / (255.0 * std_t)).view(1, 3, 1, 1))
+        self.register_buffer("shift", (mean_t / std_t).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float() * self.scale - self.shift
+        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+
+class _TextGraph(nn.Module):
+    """The text tower up to the EOT token, for tokens already truncated by the caller."""
+
+    def __init__(self, model: nn.Module, eot_id: int):
+        super().__init__()
+        tower = TextTower.of(model)
+        self.token_embedding = tower.token_embedding
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        self.text_projection = tower.text_projection
+        self.register_buffer("positional_embedding", tower.positional_embedding.detach().clone())
+        self.register_buffer("attn_mask", tower.attn_mask.detach().clone())
+        self.eot_id = int(eot_id)
+
+    def encode(self, token_embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        x = token_embeds + self.positional_embedding[:length]
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        x = self.ln_final(x)
+        eot = (tokens == self.eot_id).int().argmax(dim=-1)
+        x = x[torch.arange(x.shape[0]), eot]
+        proj = self.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Module) else x @ proj
+        return x.float()
+
+
+class ZeroShotTextGraph(_TextGraph):
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.token_embedding(tokens), tokens)
+
+
+class PromptedTextGraph(_TextGraph):
+    """[SOS] context_1..context_k name . [EOS]: the k = n_ctx + 1 learned vectors replace placeholder tokens."""
+
+    def forward(self, context: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        embeds = self.token_embedding(tokens)
+        k = context.shape[1]
+        embeds = torch.cat([embeds[:, :1], context.to(embeds.dtype), embeds[:, 1 + k:]], dim=1)
+        return F.normalize(self.encode(embeds, tokens), dim=-1)
+
+
+def truncate_tokens(tokens: np.ndarray | torch.Tensor, eot_id: int):
+    """Cut a (N, context_length) token batch after its longest EOT position, as the learner does."""
+    length = int(((tokens == eot_id) * 1).argmax(-1).max()) + 1
+    return tokens[:, :length]
+
+
+def prompt_context(learner) -> torch.Tensor:
+    """(C, n_ctx + 1, W): the learned vectors that replace the placeholders of each class prompt."""
+    p = learner.prompts
+    with torch.no_grad():
+        g = p.generator(p.zero_shot).unsqueeze(1)
+        return torch.cat([p.ctx.detach(), g.to(p.ctx.dtype)], dim=1).float().cpu()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter prints progress lines and warnings for every call; keep the CLI readable."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def export_graph(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+                 dynamic: dict[str, dict[int, str]], exporter: str = "dynamo") -> Path:
+    """ONNX export, checked by onnx.checker. Callers verify the numbers (and the dynamic axes) on ORT.
+
+    exporter="dynamo" (torch.export, the torch 2.14 default) keeps every dynamic axis symbolic,
+    the text graphs' sequence length included. exporter="torchscript" is ~15x faster for the image
+    graph; its dynamic batch axis is verified by running batch sizes other than the traced one.
+    """
+    module = module.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            if exporter == "torchscript":
+                with _no_mha_fastpath():  # the fused inference kernel has no ONNX symbolic
+                    axes = {n: dict(a) for n, a in dynamic.items()}
+                    axes.update({n: {0: "batch"} for n in output_names})
+                    torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                                      opset_version=OPSET, dynamo=False, dynamic_axes=axes)
+            else:
+                dims: dict[str, torch.export.Dim] = {}
+                shapes = {name: {a: dims.setdefault(n, torch.export.Dim(n, min=1 if n == "batch" else 2, max=4096))
+                                 for a, n in dynamic.get(name, {}).items()} or None for name in input_names}
+                torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                                  opset_version=OPSET, dynamo=True, external_data=False, dynamic_shapes=shapes)
+    except CgilError:
+        raise
+    except Exception as e:  # the exporters raise many types; the user needs one line and the cause
+        raise CgilError(f"ONNX export of {type(module).__name__} failed: {str(e).splitlines()[0]}") from e
+    check_onnx(path)
+    return path
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def check_onnx(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise CgilError(f"{path.name} fails onnx.checker: {e}") from e
+
+
+def export_image(clip: FrozenClip, preprocess: dict[str, Any], path: Path, exporter: str = "torchscript") -> Path:
+    h, w = preprocess["size"]
+    graph = ImageGraph(clip.model, preprocess["mean"], preprocess["std"])
+    example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
+    return export_graph(graph, (example,), path, [IMAGE_INPUT], [IMAGE_OUTPUT], {IMAGE_INPUT: {0: "batch"}},
+                        exporter=exporter)
+
+
+def export_text(clip: FrozenClip, eot_id: int, example_tokens: torch.Tensor, context: torch.Tensor,
+                zero_shot_path: Path, prompted_path: Path) -> None:
+    tokens = truncate_tokens(example_tokens, eot_id)
+    axes = {0: "batch", 1: "length"}
+    export_graph(ZeroShotTextGraph(clip.model, eot_id), (tokens,), zero_shot_path, [TOKENS], [TEXT_OUTPUT],
+                 {TOKENS: axes})
+    export_graph(PromptedTextGraph(clip.model, eot_id), (context, tokens), prompted_path, [CONTEXT, TOKENS],
+                 [KEY_OUTPUT], {CONTEXT: {0: "batch"}, TOKENS: axes})
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return float((a * b).sum(-1).min())
+
+
+def require_cosine(name: str, cosine: float, minimum: float = MIN_COSINE) -> None:
+    if not cosine >= minimum:  # also catches NaN
+        raise CgilError(f"{name}: ONNX Runtime disagrees with PyTorch (min cosine {cosine:.6f} < {minimum})")

@@ -1,0 +1,108 @@
+"""TensorRT engines for the image graph (optional extra: `pip install cgil[tensorrt]`).
+
+Written against the TensorRT 10 Python API (builder + ONNX parser + optimisation profile + timing
+cache). A serialized engine only runs on the TensorRT version and GPU that built it, so engines are
+cached under a key of (ONNX sha256, TensorRT version, GPU name, precision, profile): a new driver
+stack or another GPU finds no entry and rebuilds from the bundled ONNX instead of failing to
+deserialize. Nothing here imports torch; the runtime uses `engine_for` to (re)build on device.
+
+Verified where: see the README. No development machine has a GPU, so this module's tests skip.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from cgil.errors import CgilError
+
+IMAGE_INPUT = "pixels"  # = export.onnx_export.IMAGE_INPUT (not imported: that module needs torch)
+
+
+def require_tensorrt():
+    try:
+        import tensorrt as trt
+        from cuda.bindings import runtime as cudart
+    except ImportError as e:
+        raise CgilError("TensorRT needs the optional extra: pip install 'cgil[tensorrt]' "
+                        f"(tensorrt + cuda-python) and an NVIDIA GPU ({e})") from e
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count == 0:
+        raise CgilError("TensorRT is installed but no CUDA GPU is visible")
+    return trt, cudart
+
+
+def gpu_name() -> str:
+    _, cudart = require_tensorrt()
+    err, props = cudart.cudaGetDeviceProperties(0)
+    name = props.name
+    return (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CGIL_CACHE") or Path.home() / ".cache" / "cgil"
+    return Path(root) / "tensorrt"
+
+
+def cache_key(onnx_sha256: str, precision: str, image_hw: tuple[int, int], max_batch: int) -> dict[str, Any]:
+    trt, _ = require_tensorrt()
+    return {"onnx_sha256": onnx_sha256, "tensorrt": trt.__version__, "gpu": gpu_name(), "precision": precision,
+            "profile": {"min": [1, *image_hw, 3], "opt": [max(1, max_batch // 2), *image_hw, 3],
+                        "max": [max_batch, *image_hw, 3]}}
+
+
+def key_digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def build_engine(onnx_path: Path, precision: str, image_hw: tuple[int, int], max_batch: int,
+                 cache_dir: Optional[Path] = None) -> tuple[bytes, dict[str, Any]]:
+    """Serialized engine bytes and their cache key; reused from the engine cache when the key matches."""
+    trt, _ = require_tensorrt()
+    from runtime.bundle import sha256_file
+
+    cache_dir = Path(cache_dir or default_cache_dir())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(sha256_file(onnx_path), precision, image_hw, max_batch)
+    cached = cache_dir / f"image-{key_digest(key)}.plan"
+    if cached.is_file():
+        return cached.read_bytes(), key
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CgilError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        # int8 comes from the Q/DQ nodes of the int8 ONNX graph (explicit quantization): no calibrator.
+        config.set_flag(trt.BuilderFlag.INT8)
+    h, w = image_hw
+    profile = builder.create_optimization_profile()
+    p = key["profile"]
+    profile.set_shape(IMAGE_INPUT, tuple(p["min"]), tuple(p["opt"]), tuple(p["max"]))
+    config.add_optimization_profile(profile)
+    # The timing cache keeps kernel measurements across builds (other precisions, other bundles).
+    timing_path = cache_dir / f"timing-{key_digest({'tensorrt': key['tensorrt'], 'gpu': key['gpu']})}.cache"
+    timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
+    config.set_timing_cache(timing, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise CgilError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    data = bytes(plan)
+    _atomic_write(timing_path, bytes(config.get_timing_cache().serialize()))
+    _atomic_write(cached, data)
+    _atomic_write(cached.with_suffix(".json"), json.dumps(key, indent=2).encode())
+    return data, key
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

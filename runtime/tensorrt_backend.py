@@ -1,0 +1,93 @@
+"""TensorRT backend for the image engine (TensorRT 10 API + cuda-python; no torch, no pycuda).
+
+The bundle's plan is used when its cache key (TensorRT version, GPU name) matches this device;
+otherwise the engine is rebuilt from the bundled ONNX into the local engine cache, so upgrading
+TensorRT or moving the bundle to another GPU costs one build, not a failure.
+
+Not run on the development machines (no GPU): see the README for what was verified where.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cgil.errors import CgilError
+
+
+def _check(result):
+    """cuda-python returns (cudaError_t, *values); raise on error, return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise CgilError(f"CUDA call failed with error {int(err)}")
+    return values[0] if len(values) == 1 else values
+
+
+class TensorRTImage:
+    name = "tensorrt"
+
+    def __init__(self, bundle: Path, manifest: dict[str, Any]):
+        from export.tensorrt import build_engine, require_tensorrt
+
+        trt, cudart = require_tensorrt()
+        self.trt, self.cudart = trt, cudart
+        engine_info = manifest["engine"]
+        h, w = manifest["preprocess"]["size"]
+        precision = manifest.get("precision", "fp16")
+        self.max_batch = int(manifest.get("max_batch", 32))
+        plan_info = engine_info.get("tensorrt") or {}
+        key = plan_info.get("key", {})
+        from export.tensorrt import gpu_name
+
+        if plan_info and key.get("tensorrt") == trt.__version__ and key.get("gpu") == gpu_name():
+            plan = (bundle / plan_info["plan"]).read_bytes()
+        else:  # another TensorRT or GPU than the one that built the bundle's plan
+            plan, _ = build_engine(bundle / engine_info["image"], "fp16" if precision == "fp32" else precision,
+                                   (h, w), self.max_batch)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise CgilError("TensorRT could not deserialize the engine (see the log above)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.embed_dim = int(manifest["model"]["embed_dim"])
+        self.image_hw = (h, w)
+        self.stream = _check(cudart.cudaStreamCreate())
+        # Device buffers sized once for max_batch; every call reuses them.
+        self.d_in = _check(cudart.cudaMalloc(self.max_batch * h * w * 3))
+        self.d_out = _check(cudart.cudaMalloc(self.max_batch * self.embed_dim * 4))
+        self.providers = ["TensorRT " + trt.__version__]
+        import threading
+
+        self._lock = threading.Lock()  # one execution context: serialise concurrent calls
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        n = len(pixels)
+        if n > self.max_batch:
+            raise CgilError(f"batch {n} exceeds the engine's max batch {self.max_batch}")
+        cudart = self.cudart
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        out = np.empty((n, self.embed_dim), np.float32)
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        with self._lock:
+            self.context.set_input_shape(self.input, (n, *self.image_hw, 3))
+            self.context.set_tensor_address(self.input, int(self.d_in))
+            self.context.set_tensor_address(self.output, int(self.d_out))
+            _check(cudart.cudaMemcpyAsync(self.d_in, pixels.ctypes.data, pixels.nbytes, h2d, self.stream))
+            if not self.context.execute_async_v3(self.stream):
+                raise CgilError("TensorRT execution failed")
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, self.d_out, out.nbytes, d2h, self.stream))
+            _check(cudart.cudaStreamSynchronize(self.stream))
+        return out
+
+    def __del__(self):
+        try:
+            self.cudart.cudaFree(self.d_in)
+            self.cudart.cudaFree(self.d_out)
+            self.cudart.cudaStreamDestroy(self.stream)
+        except Exception:
+            pass
