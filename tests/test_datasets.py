@@ -87,13 +87,14 @@ def test_imagenet_r_split_and_names(tmp_path):
     ds = load_imagenet_r(root, test_list=test)
     ds.check()
     assert ds.num_classes == 200 and ds.task_sizes == [20] * 10
-    assert ds.classnames[:4] == ["goldfish", "great white shark", "hammerhead", "stingray"]
-    assert ds.classnames[-1] == "acorn" and ds.meta["wnids"][0] == "n01443537"
+    # the reference's label order (not sorted wnids): label 0 is n02165456, label 153 n01910747
+    assert ds.classnames[:3] == ["ladybug", "jeep", "wood rabbit"] and ds.meta["wnids"][0] == "n02165456"
+    assert ds.classnames[153] == "jellyfish" and sorted(ds.classnames)[:2] == ["African chameleon", "Granny Smith"]
     assert len(ds.test) == 200 and len(ds.train) == 200
     assert all(p.endswith("art_0.jpg") for p in ds.test.items)
     assert all(p.endswith("art_1.jpg") for p in ds.train.items)  # train = every image not in the test list
-    # labels are the sorted-wnid index
-    assert ds.test.labels[27] == 27 and "/n01910747/" in ds.test.items[27]
+    jelly = [i for i, p in enumerate(ds.test.items) if "/n01910747/" in p]
+    assert len(jelly) == 1 and ds.test.labels[jelly[0]] == 153
     # another split is another dataset id (the feature cache must not mix them)
     other = load_imagenet_r(root, test_list=[f"{w.split('/')[0]}/art_1.jpg" for w in test])
     assert other.dataset_id != ds.dataset_id
@@ -109,6 +110,26 @@ def test_imagenet_r_shipped_reference_split():
     assert all(e.endswith(".jpg") for e in entries)
 
 
+def test_imagenet_r_reference_split_on_disk(tmp_path):
+    """The shipped 6,000-image test list against a copy holding those files plus one more image per class."""
+    from cgil.data.commands import check_report
+    from cgil.data.imagenet_r import classes, load_imagenet_r, reference_test_list
+
+    root = tmp_path / "imagenet-r"
+    for entry in reference_test_list():
+        (root / entry).parent.mkdir(parents=True, exist_ok=True)
+        (root / entry).write_bytes(b"")  # the loader reads images lazily; presence is what it checks
+    for w in classes()[0]:
+        (root / w / "extra_0.jpg").write_bytes(b"")
+    ds = load_imagenet_r(tmp_path)
+    assert len(ds.test) == 6000 and len(ds.train) == 200
+    assert all(p.endswith("extra_0.jpg") for p in ds.train.items)
+    assert ds.dataset_id.startswith("imagenet-r:split-ref-v1:")
+    report = check_report("imagenet-r", tmp_path)
+    assert report["splits"]["test"]["total"] == report["splits"]["test"]["expected_total"] == 6000
+    assert any("train: 200 images in all, expected 24000" in p for p in report["problems"])
+
+
 def test_imagenet_r_incomplete_copy_names_missing(tmp_path):
     from cgil.data.imagenet_r import load_imagenet_r
 
@@ -118,12 +139,12 @@ def test_imagenet_r_incomplete_copy_names_missing(tmp_path):
     import shutil
 
     shutil.rmtree(root / "imagenet-r" / "n01443537")
-    with pytest.raises(CgilError, match=r"cannot find n01443537"):
+    with pytest.raises(CgilError, match=r"1 of the 200 class folders missing \(n01443537\)"):
         load_imagenet_r(root, test_list=test)
-    shutil.rmtree(root / "imagenet-r" / "n12267677")
     (root / "imagenet-r" / "n01443537").mkdir()
-    with pytest.raises(CgilError, match=r"1 of the 200 class folders missing \(n12267677\)"):
-        load_imagenet_r(root, test_list=test[:-1])
+    shutil.rmtree(root / "imagenet-r" / "n02165456")  # the folder the root is recognised by
+    with pytest.raises(CgilError, match=r"cannot find n02165456"):
+        load_imagenet_r(root, test_list=test)
 
 
 # ---------------------------------------------------------------- CUB-200-2011 (metadata txt files)

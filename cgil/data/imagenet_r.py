@@ -7,11 +7,13 @@ as package data (`imagenet_r_test.txt`, one `<wnid>/<file>` per line); the train
 other image of the 200 class folders, which is how the reference's train list is built (its 24,000
 entries are the complement of the 6,000 test entries).
 
-Labels are the index of the wnid in sorted order (`imagenet_r_classes.tsv`, which also holds the
-class names). Class names: the ImageNet-R names commonly used for CLIP zero-shot evaluation
-("goldfish", "great white shark", "hammerhead", ...). The reference reads its names from a pickle
-(label_to_class_name.pkl) that we could not read; the names may differ in spelling for a few
-classes. 10 tasks of 20 classes.
+Labels are the reference's label indices (its wnid -> target mapping, which is a directory-listing
+order, not sorted wnids), so that the reference's seeded class permutation yields the reference's
+tasks; `imagenet_r_classes.tsv` lists, per label, the wnid and the class name. The mapping was read
+off the reference's (path, target) pairs: 1,300 of them, all consistent. Class names: the
+ImageNet-R names commonly used for CLIP zero-shot evaluation ("goldfish", "great white shark",
+"hammerhead", ...). The reference reads its names from a pickle (label_to_class_name.pkl) that we
+could not read; a few names may be spelled differently there. 10 tasks of 20 classes.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ BENCH = register_benchmark(Benchmark(
 
 @lru_cache(maxsize=1)
 def classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(wnids, names) in label order."""
+    """(wnids, names) in the reference's label order."""
     wnids, names = [], []
     for line in CLASSES_FILE.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
