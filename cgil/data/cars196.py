@@ -27,9 +27,9 @@ BENCH = register_benchmark(Benchmark(
     title="Stanford Cars (Cars-196)",
     num_classes=196,
     task_sizes=(20,) * 9 + (16,),
-    how_to_get=("Get Stanford Cars from https://ai.stanford.edu/~jkrause/cars/car_dataset.html (the original links are "
-                "often down; mirrors: the Kaggle copy 'stanford-car-dataset', or torchvision's StanfordCars layout) "
-                "including cars_test_annos_withlabels.mat."),
+    how_to_get=("Get Stanford Cars as released at https://ai.stanford.edu/~jkrause/cars/car_dataset.html (links there "
+                "are often down; copies of the same files circulate): either cars_train.tgz, cars_test.tgz, car_devkit.tgz "
+                "and cars_test_annos_withlabels.mat (torchvision's StanfordCars layout), or car_ims.tgz with cars_annos.mat."),
     layout=("devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/ "
             "(or cars_annos.mat with car_ims/)"),
     expected={"train": 8144, "test": 8041},
