@@ -41,6 +41,7 @@ def guarded(fn):
 def train(
     dataset: str = typer.Option("digits", help="digits | folder:PATH | a registered dataset name"),
     data_dir: Optional[str] = typer.Option(None, help="Root folder of a registered dataset"),
+    preset: Optional[str] = typer.Option(None, help="paper: the CGIL paper's hyperparameters for --dataset (imagenet-r, cub200, cars196, eurosat-rgb, isic)"),
     model: str = typer.Option("cgil-tiny", help="open_clip architecture"),
     pretrained: Optional[str] = typer.Option(None, help="open_clip tag (e.g. openai) or a local checkpoint file; default random weights"),
     method: str = typer.Option("cgil", help="cgil | zeroshot | joint | sequential | all"),
@@ -55,7 +56,11 @@ def train(
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out"),
     quiet: bool = typer.Option(False, help="No progress bars"),
 ):
-    """Train a class-incremental benchmark task by task and report the accuracy matrix and metrics."""
+    """Train a class-incremental benchmark task by task and report the accuracy matrix and metrics.
+
+    Under torchrun, feature extraction is sharded across processes; only rank 0 prints and writes.
+    """
+    from cgil import distributed
     from cgil.config import METHODS, TrainConfig
     from cgil.progress import Reporter
     from cgil.report import matrix_table, summary_table, write_comparison
@@ -66,21 +71,31 @@ def train(
         raise CgilError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}, all")
     if resume and out is None:
         raise CgilError("--resume needs --out RUN_DIR")
+    distributed.init_from_env(device)
+    main = distributed.is_main()
     out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    reporter = Reporter(enabled=not quiet)
+    reporter = Reporter(enabled=not quiet and main)
     methods = list(METHODS) if method == "all" else [method]
-    console.print(f"run directory: {out}")
+    if main:
+        console.print(f"run directory: {out}")
     results, start = {}, time.perf_counter()
-    for m in methods:
-        cfg = TrainConfig.for_dataset(dataset, data_dir=data_dir, model=model, pretrained=pretrained, method=m,
-                                      generator=generator, tasks=tasks, seed=seed, device=device, **overrides)
-        metrics = run(cfg, out / m if len(methods) > 1 else out, resume=resume, reporter=reporter)
-        results[m] = metrics
-        if len(methods) == 1:
-            console.print(matrix_table(metrics["accuracy_matrix"], f"{m}: class-IL accuracy matrix (%)"))
+    try:
+        for m in methods:
+            cfg = TrainConfig.for_dataset(dataset, preset=preset, data_dir=data_dir, model=model, pretrained=pretrained,
+                                          method=m, generator=generator, tasks=tasks, seed=seed, device=device,
+                                          **overrides)
+            metrics = run(cfg, out / m if len(methods) > 1 else out, resume=resume, reporter=reporter)
+            results[m] = metrics
+            if len(methods) == 1 and main:
+                console.print(matrix_table(metrics["accuracy_matrix"], f"{m}: class-IL accuracy matrix (%)"))
+    finally:
+        distributed.shutdown()
+    if not main:
+        return
     if len(methods) > 1:
         write_comparison(out, results)
-    console.print(summary_table(results, f"{dataset} · {model} · {'random weights' if not pretrained else pretrained}"))
+    weights = "random weights" if not pretrained else pretrained
+    console.print(summary_table(results, f"{dataset} · {model} · {weights}"))
     console.print(f"done in {time.perf_counter() - start:.1f}s; results in {out}")
 
 

@@ -59,12 +59,17 @@ class PromptLearner(nn.Module):
     def prompt_text(self, name: str) -> str:
         return " ".join([PLACEHOLDER] * (self.n_ctx + 1)) + f" {name}."
 
-    def add_classes(self, class_ids: Sequence[int], names: Sequence[str], generator: torch.Generator) -> None:
-        """Append new classes: context vectors ~ N(0, 0.02), tokens and zero-shot embeddings cached."""
+    def add_classes(self, class_ids: Sequence[int], names: Sequence[str], generator: torch.Generator,
+                    zero_shot: torch.Tensor | None = None) -> None:
+        """Append new classes: context vectors ~ N(0, 0.02), tokens and zero-shot embeddings cached.
+
+        `zero_shot` restores saved z_c exactly: recomputing them in a batch of another length
+        would change their last bits, and a resumed run must continue bit for bit.
+        """
         dev = self.ctx.device
         new_ctx = torch.randn(len(class_ids), self.n_ctx, self.ctx.shape[-1], generator=generator) * 0.02
         tokens = self.text.tokenize([self.prompt_text(n) for n in names]).to(dev)
-        z = self.text.zero_shot(names).to(dev)
+        z = (self.text.zero_shot(names) if zero_shot is None else zero_shot).to(dev)
         self.ctx = nn.Parameter(torch.cat([self.ctx.detach(), new_ctx.to(dev)]))
         self.tokens = torch.cat([self.tokens, tokens])
         self.zero_shot = torch.cat([self.zero_shot, z])
@@ -85,7 +90,7 @@ class PromptLearner(nn.Module):
 
     def learned_state(self) -> dict[str, torch.Tensor]:
         """What defines the prompts beyond the frozen CLIP: context vectors and g's weights."""
-        state = {"ctx": self.ctx.detach().cpu().contiguous()}
+        state = {"ctx": self.ctx.detach().cpu().contiguous(), "zero_shot": self.zero_shot.detach().cpu().contiguous()}
         state.update({f"generator.{k}": v.detach().cpu().contiguous() for k, v in self.generator.state_dict().items()})
         return state
 
@@ -96,7 +101,7 @@ class PromptLearner(nn.Module):
         self.ctx = nn.Parameter(torch.zeros(0, self.n_ctx, self.ctx.shape[-1], device=self.ctx.device))
         self.tokens = self.tokens[:0]
         self.zero_shot = self.zero_shot[:0]
-        self.add_classes(class_ids, names, torch.Generator())
+        self.add_classes(class_ids, names, torch.Generator(), zero_shot=state.get("zero_shot"))
         self.ctx = nn.Parameter(state["ctx"].to(self.ctx.device))
         gen_state = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
         self.generator.load_state_dict(gen_state)

@@ -14,10 +14,14 @@ from .errors import CgilError
 
 
 def class_order(num_classes: int, seed: Optional[int]) -> list[int]:
-    """The reference protocol: a permutation from numpy's legacy seeded RNG (None: identity)."""
+    """The reference protocol (None: identity).
+
+    The reference relabels class c as perm[c] with perm = numpy's legacy seeded permutation and
+    then takes tasks in label order, so the classes arrive in the order argsort(perm).
+    """
     if seed is None:
         return list(range(num_classes))
-    return [int(c) for c in np.random.RandomState(seed).permutation(num_classes)]
+    return [int(c) for c in np.argsort(np.random.RandomState(seed).permutation(num_classes))]
 
 
 def task_sizes(num_classes: int, num_tasks: int) -> list[int]:

@@ -1,0 +1,79 @@
+"""Text path and prompts: truncation is exact, zero-shot matches open_clip, only prompts learn."""
+import pytest
+import torch
+
+from cgil.clip import create_clip
+from cgil.generators import GeneratorConfig
+from cgil.learner import AlignConfig, Learner
+from cgil.prompts import PromptLearner
+from cgil.text import TextEncoder
+
+NAMES = ["zero", "a rather long class name with many words", "seven", "traffic light"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return create_clip("cgil-tiny", seed=0)
+
+
+def prompts_for(clip, truncate: bool) -> PromptLearner:
+    text = TextEncoder(clip.model, clip.tokenizer, truncate=truncate)
+    learner = PromptLearner(text, clip.identity.embed_dim, n_ctx=2)
+    torch.manual_seed(0)
+    learner.add_classes(range(len(NAMES)), NAMES, torch.Generator().manual_seed(1))
+    return learner
+
+
+def test_truncated_prompted_keys_equal_full_length_keys(clip):
+    short, full = prompts_for(clip, True), prompts_for(clip, False)
+    full.load_state_dict(short.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(short.keys(), full.keys(), atol=1e-5, rtol=0)
+    eot = short.text.eot_positions(short.tokens)
+    assert int(eot.max()) + 1 < short.tokens.shape[1] // 2  # the saving is real: far fewer than 77 tokens
+
+
+def test_zero_shot_embeddings_equal_open_clip_encode_text(clip):
+    text = TextEncoder(clip.model, clip.tokenizer)
+    ours = text.zero_shot(NAMES)
+    tokens = clip.tokenizer([f"a photo of a {n}" for n in NAMES])
+    with torch.no_grad():
+        reference = clip.model.encode_text(tokens)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_only_prompts_and_context_generator(clip):
+    learner = Learner(clip, GeneratorConfig(kind="gauss"), AlignConfig(epochs=1))
+    learner.add_classes([0, 1, 2], NAMES[:3], seed=0)
+    feats = torch.randn(12, clip.identity.embed_dim)
+    labels = torch.tensor([0, 1, 2] * 4)
+    logits = clip.logit_scale * torch.nn.functional.normalize(feats, dim=-1) @ learner.prompts.keys().t()
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    assert all(p.grad is None for p in clip.model.parameters())
+    assert not any(p.requires_grad for p in clip.model.parameters())
+    trainable = learner.prompts.trainable_parameters()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+def test_context_generator_stays_in_eval_mode_so_keys_do_not_depend_on_the_batch(clip):
+    learner = prompts_for(clip, True)
+    learner.train()
+    assert not learner.generator.training
+    with torch.no_grad():
+        all_keys = learner.keys()
+        one = learner.keys(slice(1, 2))
+    torch.testing.assert_close(all_keys[1:2], one, atol=1e-6, rtol=0)
+
+
+def test_alignment_separates_classes_on_their_own_features(clip):
+    """Prompts learn: after alignment on two well-separated feature clusters, keys classify them."""
+    g = torch.Generator().manual_seed(0)
+    d = clip.identity.embed_dim
+    centers = torch.randn(2, d, generator=g)
+    feats = torch.cat([centers[0] + 0.3 * torch.randn(64, d, generator=g), centers[1] + 0.3 * torch.randn(64, d, generator=g)])
+    labels = torch.tensor([3] * 64 + [5] * 64)
+    learner = Learner(clip, GeneratorConfig(kind="gauss"), AlignConfig(epochs=15, lr=0.05))
+    learner.add_classes([3, 5], ["cat", "dog"], seed=0)
+    learner.align(Learner.real_source(feats, labels), seed=0)
+    pred = (torch.nn.functional.normalize(feats, dim=-1) @ learner.head().t()).argmax(1)
+    assert (learner.columns(labels) == pred).float().mean() > 0.95
