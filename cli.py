@@ -126,7 +126,9 @@ def info(run_dir: Path = typer.Argument(..., help="A run directory written by cg
 
 
 # Commands owned by other packages register themselves: `register(app)` in each module below.
-_COMMAND_MODULES = ("cgil.data.commands", "export.commands", "runtime.commands", "benchmarks.commands")
+_COMMAND_MODULES = (
+    "cgil.data.commands", "export.commands", "runtime.commands", "runtime.serve_commands", "benchmarks.commands",
+)
 
 
 def _register_commands() -> None:
