@@ -22,6 +22,15 @@ def expand(paths: list[Path]) -> list[Path]:
     return out
 
 
+def _short_names(args: list[Path], files: list[Path]) -> list[str]:
+    """Table labels: a file found in a folder argument as folder/relative path, others as typed."""
+    names = []
+    for f in files:
+        folder = next((a for a in args if a.is_dir() and a in f.parents), None)
+        names.append(str(Path(folder.name) / f.relative_to(folder)) if folder else str(f))
+    return names
+
+
 def predict_files(classifier, files: list[Path], top_k: int, batch: int = 32) -> list[dict]:
     """One result per file, in order: {"file", "labels", "scores", ...} or {"file", "error"}."""
     from cgil.errors import CgilError
@@ -73,14 +82,16 @@ def register(app: typer.Typer) -> None:
                 typer.echo(json.dumps(r))
         else:
             table = Table(title=f"{bundle} · head v{classifier.head.version} · {classifier.backend.name}")
-            for col in ("file", "top-1", "score", f"top-{top_k}"):
+            table.add_column("file", overflow="fold")
+            for col in ("top-1", "score", f"top-{top_k}"):
                 table.add_column(col)
-            for r in results:
+            shown = _short_names(images, files)
+            for r, name in zip(results, shown):
                 if "error" in r:
-                    table.add_row(r["file"], "[red]error[/]", "", r["error"])
+                    table.add_row(name, "[red]error[/]", "", r["error"].replace(f"{r['file']}: ", ""))
                 else:
                     rest = ", ".join(f"{l} {s:.2f}" for l, s in zip(r["labels"], r["scores"]))
-                    table.add_row(r["file"], r["labels"][0], f"{r['scores'][0]:.3f}", rest)
+                    table.add_row(name, r["labels"][0], f"{r['scores'][0]:.3f}", rest)
             console.print(table)
         failed = [r for r in results if "error" in r]
         if failed:
