@@ -450,7 +450,10 @@ def create_app(cfg: ServeConfig, classifier=None):
             try:
                 form = await request.form(max_files=cfg.max_images_per_request, max_fields=cfg.max_images_per_request)
             except Exception as e:
-                return error(400, f"malformed multipart body: {getattr(e, 'detail', e)}")
+                detail = str(getattr(e, "detail", e))
+                if detail.startswith("Too many"):
+                    return error(413, f"{detail}: at most {cfg.max_images_per_request} images per request")
+                return error(400, f"malformed multipart body: {detail}")
             parts = [(f"images[{i}] ({getattr(v, 'filename', None) or 'unnamed'})", await v.read())
                      for i, (k, v) in enumerate(form.multi_items()) if hasattr(v, "read")]
             await form.close()
