@@ -5,6 +5,7 @@ a training run:
 
   features    the new images are embedded with the bundle's own exported image engine
               (runtime.Classifier, ONNX Runtime), so they are exactly what serving computes;
+  load        torch, the frozen CLIP (its text tower) and the learner state restored from the bundle;
   generators  the new classes' generators are fitted (one batched model, the store's family);
   alignment   the prompts of ALL classes are realigned on synthetic replay drawn from the bundle's
               replay store (old classes) and the new generators: this step needs torch and the
@@ -48,7 +49,7 @@ SCHEMA_VERSION = 1
 KEEP = 2  # versions kept on disk after a publish: the current one and the previous (rollback target)
 VERSION_RE = re.compile(r"^head-(\d+)$")
 STORE_PRECISIONS = ("fp32", "fp16")
-PHASES = ("features", "generators", "alignment", "write")
+PHASES = ("features", "load", "generators", "alignment", "write")
 
 Report = Callable[[str], None]
 
@@ -350,7 +351,7 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
             report(f"  {name}: {len(files)} images embedded")
         timings["features"] = time.perf_counter() - t0
 
-        # 2. generators for the new classes (torch from here on)
+        # 2. the learner: torch, the frozen CLIP (for its text tower) and the store, from the bundle
         t0 = time.perf_counter()
         import torch
 
@@ -369,6 +370,10 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
         if lr is not None:
             align_cfg.lr = lr
         learner, _ = load_learner(src, clip, align_cfg)
+        timings["load"] = time.perf_counter() - t0
+
+        # 3. generators for the new classes
+        t0 = time.perf_counter()
         version = max([head.version, *version_dirs(root)]) + 1
         known_ids = list(learner.class_ids) + [int(c) for c in old.get("future_class_ids", [])]
         new_ids = [max(known_ids, default=-1) + 1 + k for k in range(len(names))]
@@ -386,13 +391,13 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
         timings["generators"] = time.perf_counter() - t0
         report(f"  fitted {learner.gen_cfg.kind} generators for {len(names)} class(es) in {timings['generators']:.1f}s")
 
-        # 3. realign all prompts on replay from the store
+        # 4. realign all prompts on replay from the store
         t0 = time.perf_counter()
         align_stats = learner.align(learner.replay_source(), seed=derive_seed(seed, version, 2))
         timings["alignment"] = time.perf_counter() - t0
         report(f"  realigned {learner.prompts.num_classes} prompts ({align_cfg.epochs} epochs) in {timings['alignment']:.1f}s")
 
-        # 4. write the new version
+        # 5. write the new version
         t0 = time.perf_counter()
         from export.onnx_export import prompt_context
 

@@ -68,10 +68,14 @@ def register(app: typer.Typer) -> None:
         --data DIR: embeds the images with the bundle's own image engine, fits generators for the new
         classes and realigns ALL prompts on replay from the bundle's generator store. This step NEEDS
         TORCH (and open_clip) to run the text tower; serving does not.
+
         --zero-shot NAME: adds a class by name only, with its zero-shot key from the bundle's text ONNX
         graph (no torch); a later --data update of that name replaces it with a learned prompt.
-        --rollback: returns to the previous version. A running `cgil serve` swaps heads by itself.
-        Class names must be new (except a zero-shot class learned from images).
+
+        --rollback: returns to the previous version.
+
+        A running `cgil serve` swaps to the new head by itself. Class names must be new (except a
+        zero-shot class learned from images).
         """
         from cgil.update import add_zero_shot, rollback as do_rollback, update_from_images
 
@@ -85,7 +89,8 @@ def register(app: typer.Typer) -> None:
             result = add_zero_shot(bundle, zero_shot)
         else:
             result = update_from_images(bundle, data, epochs=epochs, lr=lr, passes=passes, seed=seed,
-                                        store_precision=store_precision, report=lambda s: console.print(s, highlight=False))
+                                        store_precision=store_precision,
+                                        report=lambda s: typer.echo(s, err=as_json) if as_json else console.print(s, highlight=False))
         if as_json:
             typer.echo(json.dumps(result))
         elif rollback:
@@ -117,16 +122,21 @@ def register(app: typer.Typer) -> None:
             return
         table = Table(title=f"{bundle} · head v{info['head_version']} · {info['generator']} store "
                             f"({info['store_precision']}) · D={info['embed_dim']}")
-        cols = ("class", "generator_bytes", "prompt_bytes", "context_bytes", "key_bytes", "total_bytes",
-                "images", "raw_features_bytes", "raw_images_bytes")
-        for c in cols:
-            table.add_column(c.replace("_bytes", " B").replace("_", " "), justify="left" if c == "class" else "right")
+        cols = {"class": "class", "generator_bytes": "generator", "prompt_bytes": "prompt", "context_bytes": "context",
+                "key_bytes": "key", "total_bytes": "total", "images": "images", "raw_features_bytes": "raw features",
+                "raw_images_bytes": "raw images"}
+        for c, title in cols.items():
+            table.add_column(title, justify="left" if c == "class" else "right", no_wrap=True)
 
         def cell(v):
-            return "n/a" if v is None else (f"{v:,.0f}" if isinstance(v, (int, float)) else str(v))
+            if v is None:
+                return "n/a"
+            return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
 
         for row in info["classes"]:
-            table.add_row(*[cell(row[c]) for c in cols])
+            table.add_row(*[row[c] if c == "class" else cell(row[c]) for c in cols])
         console.print(table)
+        console.print("bytes per class (k = 1000); generator = its share of the replay store, prompt = context vectors + z_c, "
+                      "context = its row of the prompted graph's input, key = its row of the head")
         console.print(f"shared: context generator g {info['shared_bytes']['context_generator_g']:,} B; "
                       f"head version folder {info['total_bytes']:,} B in all")

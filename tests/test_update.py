@@ -74,7 +74,7 @@ def test_update_learns_new_classes_from_images_and_rolls_back(bundle, new_digits
     before = load_head(bundle)
     assert before.class_names and "eight" not in before.class_names
     result = update_from_images(bundle, new_digits, epochs=2, passes=2)
-    assert set(result["timings"]) == {"features", "generators", "alignment", "write"}
+    assert set(result["timings"]) == {"features", "load", "generators", "alignment", "write"}
     head = load_head(bundle)
     assert head.version == before.version + 1 == result["version"]
     assert head.class_names == before.class_names + ["eight", "nine"]
