@@ -21,10 +21,20 @@ from cgil.errors import CgilError
 IMAGE_INPUT = "pixels"  # = export.onnx_export.IMAGE_INPUT (not imported: that module needs torch)
 
 
+def import_cudart():
+    """cuda-python's runtime API: `cuda.bindings.runtime` since 12.6, `cuda.cudart` before."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart
+    return cudart
+
+
 def require_tensorrt():
     try:
         import tensorrt as trt
-        from cuda.bindings import runtime as cudart
+
+        cudart = import_cudart()
     except ImportError as e:
         raise CgilError("TensorRT needs the optional extra: pip install 'cgil[tensorrt]' "
                         f"(tensorrt + cuda-python) and an NVIDIA GPU ({e})") from e

@@ -29,13 +29,16 @@ def choose_providers(requested: Optional[Sequence[str]] = None) -> list[str]:
     return [p for p in PROVIDER_PREFERENCE if p in available] or list(available)
 
 
-def ort_session(path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0):
+def ort_session(path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0,
+                spinning: bool = True):
     import onnxruntime as ort
 
     providers = choose_providers(providers)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
+    if not spinning:  # idle worker threads sleep instead of spinning: no CPU stolen from other work in the process
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if precision == "fp16" and providers[0] == "CPUExecutionProvider":
         # ORT's CPU layout-level fusions crash on fp16 transformer graphs (seen with 1.32): stop one level below.
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -48,8 +51,9 @@ def ort_session(path: Path, providers: Optional[Sequence[str]] = None, precision
 class OnnxRuntimeImage:
     name = "onnxruntime"
 
-    def __init__(self, path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0):
-        self.session = ort_session(path, providers, precision, threads)
+    def __init__(self, path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0,
+                 spinning: bool = True):
+        self.session = ort_session(path, providers, precision, threads, spinning)
         self.providers = self.session.get_providers()
         inp = self.session.get_inputs()[0]
         self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name
@@ -90,7 +94,10 @@ class TorchImage:
 def tensorrt_usable() -> bool:
     try:
         import tensorrt  # noqa: F401
-        from cuda.bindings import runtime as cudart
+
+        from export.tensorrt import import_cudart
+
+        cudart = import_cudart()
     except ImportError:
         return False
     err, count = cudart.cudaGetDeviceCount()

@@ -83,12 +83,13 @@ def register(app: typer.Typer) -> None:
         else:
             table = Table(title=f"{bundle} · head v{classifier.head.version} · {classifier.backend.name}")
             table.add_column("file", overflow="fold")
-            for col in ("top-1", "score", f"top-{top_k}"):
+            for col in ("top-1", "score"):
                 table.add_column(col)
+            table.add_column(f"top-{top_k}", overflow="fold")
             shown = _short_names(images, files)
             for r, name in zip(results, shown):
                 if "error" in r:
-                    table.add_row(name, "[red]error[/]", "", r["error"].replace(f"{r['file']}: ", ""))
+                    table.add_row(name, "[red]error[/]", "", r["error"])
                 else:
                     rest = ", ".join(f"{l} {s:.2f}" for l, s in zip(r["labels"], r["scores"]))
                     table.add_row(name, r["labels"][0], f"{r['scores'][0]:.3f}", rest)

@@ -43,8 +43,7 @@ class TensorRTImage:
         if plan_info and key.get("tensorrt") == trt.__version__ and key.get("gpu") == gpu_name():
             plan = (bundle / plan_info["plan"]).read_bytes()
         else:  # another TensorRT or GPU than the one that built the bundle's plan
-            plan, _ = build_engine(bundle / engine_info["image"], "fp16" if precision == "fp32" else precision,
-                                   (h, w), self.max_batch)
+            plan, _ = build_engine(bundle / engine_info["image"], key.get("precision", precision), (h, w), self.max_batch)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
@@ -78,7 +77,7 @@ class TensorRTImage:
             self.context.set_tensor_address(self.input, int(self.d_in))
             self.context.set_tensor_address(self.output, int(self.d_out))
             _check(cudart.cudaMemcpyAsync(self.d_in, pixels.ctypes.data, pixels.nbytes, h2d, self.stream))
-            if not self.context.execute_async_v3(self.stream):
+            if not self.context.execute_async_v3(int(self.stream)):
                 raise CgilError("TensorRT execution failed")
             _check(cudart.cudaMemcpyAsync(out.ctypes.data, self.d_out, out.nbytes, d2h, self.stream))
             _check(cudart.cudaStreamSynchronize(self.stream))
