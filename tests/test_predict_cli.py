@@ -81,3 +81,25 @@ def test_export_command_refuses_to_overwrite_and_reports_checks(fp32_bundle, tin
     assert result.exit_code == 0, result.output
     assert "check image_fp32: min_cosine_vs_torch=" in result.output
     assert json.loads((out / "manifest.json").read_text())["max_batch"] == 4
+
+
+def test_cgil_predict_runs_where_torch_cannot_be_imported(fp32_bundle, image_dir):
+    """A device without torch: the whole CLI path (cli.py, every registered command module) must not need it."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    script = f"""
+import sys
+class BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, BlockTorch())
+sys.path.insert(0, {str(root)!r})
+from cli import app
+app(["predict", {str(fp32_bundle)!r}, {str(image_dir / "gray16.png")!r}, "--json"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[0])["file"].endswith("gray16.png")
