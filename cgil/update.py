@@ -383,11 +383,12 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
         x = torch.from_numpy(np.concatenate(feats)).float()
         y = torch.tensor([new_ids[k] for k in labels])
         stats = learner.fit_generators(new_ids, x, y, seed=derive_seed(seed, version, 3))
-        if store_precision == "fp16":  # align on exactly what the store will hold
+        if store_precision == "fp16":  # align on exactly what the store will hold (old groups and new)
             with torch.no_grad():
-                for t in learner.store[-1].state_dict().values():
-                    if t.is_floating_point():
-                        t.copy_(t.half().float())
+                for group in learner.store:
+                    for t in group.state_dict().values():
+                        if t.is_floating_point():
+                            t.copy_(t.half().float())
         timings["generators"] = time.perf_counter() - t0
         report(f"  fitted {learner.gen_cfg.kind} generators for {len(names)} class(es) in {timings['generators']:.1f}s")
 
