@@ -259,3 +259,24 @@ def test_serving_path_never_imports_torch(bundle):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_cgil_serve_command_with_token_from_the_environment(bundle):
+    import os
+
+    from benchmarks.serve import free_port, wait_ready
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CGIL_ADMIN_TOKEN": "from-env"}
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", str(bundle), "--port", str(port), "--backend",
+                             "onnxruntime", "--no-loopback-admin", "--log-level", "warning"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_ready(url, timeout=60, proc=proc)
+        assert httpx.post(url + "/v1/admin/reload").status_code == 403
+        assert httpx.post(url + "/v1/admin/reload", headers={"Authorization": "Bearer from-env"}).status_code == 200
+        assert httpx.get(url + "/openapi.json").json()["info"]["title"] == "cgil serve"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) in (0, -15)  # uvicorn re-raises SIGTERM after a graceful shutdown
