@@ -127,6 +127,8 @@ def head_dir(path: Path) -> Path:
             if not name or not (root / name).is_dir():
                 raise CgilError(f"{pointer} points at {name!r}, which does not exist")
             return root / name
+    if (path / HEADS_DIR).is_dir() or (path / MANIFEST).is_file() and not (path / "head.json").exists():
+        raise CgilError(f"{path} has no published head ({HEADS_DIR}/{POINTER} is missing)")
     return path
 
 

@@ -215,6 +215,14 @@ def test_half_written_bundle_is_refused(bundle_copy):
         Classifier(bundle_copy)
 
 
+def test_bundle_without_a_published_head_is_refused(bundle_copy):
+    from runtime import Classifier
+
+    (bundle_copy / "heads" / "CURRENT").unlink()
+    with pytest.raises(CgilError, match=r"no published head \(heads/CURRENT is missing\)"):
+        Classifier(bundle_copy)
+
+
 def test_other_schema_version_is_refused(bundle_copy):
     from runtime import Classifier
 
