@@ -67,10 +67,13 @@ def cast_store_(group: torch.nn.Module, precision: str) -> None:
     """Round-trip a fitted group's tensors through `precision`, in place (what a stored copy holds)."""
     if precision == "fp32":
         return
+    jitter = torch.Generator().manual_seed(int(precision[len("jitter"):])) if precision.startswith("jitter") else None
     for name, t in group.state_dict().items():  # views of the parameters and buffers
         if not t.is_floating_point():
             continue
-        if precision == "int8" and _is_matrix(name, t):
+        if jitter is not None:  # control: fp32 plus random relative noise of fp16's size (2^-11)
+            t.mul_(1 + 2.0 ** -11 * torch.randn(t.shape, generator=jitter))
+        elif precision == "int8" and _is_matrix(name, t):
             t.copy_(quantize_int8(t.float()))
         else:
             t.copy_(t.half().float())
@@ -147,7 +150,9 @@ def run_variant(cfg, precision: str, replay: str, cache_dir: Optional[Path]) -> 
                 cast_store_(learner.store[-1], precision)
                 source = learner.replay_source()
             else:  # raw features (or raw images re-encoded: identical features) of every seen class
-                source = Learner.real_source(torch.cat([f for f, _ in seen]), torch.cat([l for _, l in seen]))
+                feats = torch.cat([f for f, _ in seen])
+                feats = feats.half().float() if precision == "fp16" else feats
+                source = Learner.real_source(feats, torch.cat([l for _, l in seen]))
             learner.align(source, seed=derive_seed(cfg.seed, t, 2))
             scores = score_step(learner.head(), learner.class_ids, zero_shot, tests, sc.tasks(), t)
             acc.append(scores.class_il)
@@ -174,7 +179,12 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="alignment epochs (default: dataset preset)")
     p.add_argument("--variants", nargs="+", default=None, help=f"subset of {[v[0] for v in VARIANTS]}")
     p.add_argument("--no-accuracy", action="store_true", help="bytes only")
+    p.add_argument("--noise-control", type=int, default=3, metavar="N",
+                   help="for mog and gauss, N extra runs with the fp32 store perturbed by random relative noise "
+                        "of fp16's size: how much accuracy moves from any tiny change (default 3; 0 = none)")
     p.add_argument("--seed", type=int, default=1992)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
     p.add_argument("--out-dir", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -185,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from cgil.features import default_cache_dir
 
     args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
     base: dict[str, Any] = {"seed": args.seed}
@@ -218,6 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if not args.no_accuracy:
         log("accuracy: raw features (joint on real features of all seen classes)")
         raw_acc = run_variant(config("vae", {}, "joint"), "fp32", "raw", cache_dir)
+        raw_acc_fp16 = run_variant(config("vae", {}, "joint"), "fp16", "raw", cache_dir)
     for label, kind, overrides, precisions in variants:
         for precision in precisions:
             row: dict[str, Any] = {"option": f"{label} store", "precision": precision}
@@ -235,6 +248,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             rows.append(row)
             log(f"  {label:10s} {precision}: " + ", ".join(
                 f"{c}={v:.4g}" for c, v in row.items() if isinstance(v, float)))
+    controls = []
+    if not args.no_accuracy:
+        for label, kind, overrides, _ in variants:
+            if kind not in ("mog", "gauss"):
+                continue
+            for seed in range(1, args.noise_control + 1):
+                acc = run_variant(config(kind, overrides), f"jitter{seed}", "generators", cache_dir)
+                controls.append({"option": f"{label} store", "control": f"fp32 + 2^-11 relative noise, seed {seed}",
+                                 "final_avg_acc": acc["final_avg_acc"], "final_pooled_acc": acc["final_pooled_acc"]})
+                log(f"  control {label} jitter seed {seed}: final_avg_acc={acc['final_avg_acc']:.2f}")
     n = args.n_per_class
     raw_rows = [
         ("raw features", "fp32", lambda d: n * d * 4),
@@ -251,11 +274,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         for dim in args.dims:
             row[f"bytes/class D={dim}"] = float(size(dim))
         if raw_acc is not None:
+            acc = raw_acc_fp16 if precision == "fp16" else raw_acc
             if option.startswith("raw features"):
-                row[f"bytes/class tiny D={raw_acc['dim']}"] = float(size(raw_acc["dim"]))
-            row["final_avg_acc"] = raw_acc["final_avg_acc"]
-            row["final_pooled_acc"] = raw_acc["final_pooled_acc"]
-            row["run_s"] = raw_acc["seconds"]
+                row[f"bytes/class tiny D={acc['dim']}"] = float(size(acc["dim"]))
+            row["final_avg_acc"] = acc["final_avg_acc"]
+            row["final_pooled_acc"] = acc["final_pooled_acc"]
+            row["run_s"] = acc["seconds"]
         rows.append(row)
 
     default = next((r for r in rows if r["option"] == "vae store" and r["precision"] == "fp32"), None)
@@ -271,11 +295,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     command = "cgil bench store " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {
         "command": command.strip(),
+        "threads": torch.get_num_threads(),
         "accuracy_setup": None if raw_acc is None else {
             "dataset": args.dataset, "model": args.model or "cgil-tiny", "seed": args.seed,
             "passes": config("vae", {}).generator.passes, "epochs": config("vae", {}).align.epochs,
             "train_features_per_class": raw_acc["n_per_class"]},
         "image_bytes": images,
+        "noise_control": controls,
         "target": target,
         "notes": [
             "bytes/class = bytes of the sampling-only state_dict of a 10-class group / 10 (shared buffers such "
@@ -292,6 +318,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     text = (f"# store: replay store per class\n\nCommand: `{meta['command']}`\n\n" + markdown_table(rows, columns)
             + f"\nTarget (default VAE store <= 1 MB/class at D=768): {target}\n\n"
+            + ("Noise control (how far accuracy moves when the fp32 store gets random relative noise of fp16's "
+               "size, i.e. the run-to-run spread of this setup):\n\n" + markdown_table(controls) + "\n"
+               if controls else "")
             + "Notes:\n\n" + "".join(f"- {x}\n" for x in meta["notes"]))
     path.with_suffix(".md").write_text(f"Machine: {machine()}\n\n" + text)
     print(text)

@@ -34,12 +34,14 @@ def test_update_runs_tiny(tmp_path):
 def test_store_runs_tiny(tmp_path):
     from benchmarks import store
 
-    store.main(["--quick", "--tasks", "2", "--variants", "gauss", "--dims", "768", "--out-dir", str(tmp_path)])
+    store.main(["--quick", "--tasks", "2", "--variants", "gauss", "--dims", "768",
+                "--noise-control", "1", "--out-dir", str(tmp_path)])
     doc = _load(tmp_path, "store")
     rows = {(r["option"], r["precision"]): r for r in doc["rows"]}
     assert rows[("gauss store", "fp32")]["bytes/class D=768"] == 2 * 768 * 4
     assert rows[("gauss store", "fp16")]["bytes/class D=768"] == 2 * 768 * 2
     assert all(0 <= r["final_avg_acc"] <= 100 for r in doc["rows"])
+    assert len(doc["meta"]["noise_control"]) == 1
 
 
 def test_store_bytes_of_default_vae():
@@ -73,3 +75,25 @@ def test_cli_lists_benchmarks():
     assert result.exit_code == 0
     for name in ("update", "accuracy", "store"):
         assert name in result.output
+
+
+def test_accuracy_runs_on_a_folder_dataset(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import accuracy
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, name in enumerate(["red_square", "blue_circle"]):
+            d = tmp_path / "data" / split / name
+            d.mkdir(parents=True)
+            for i in range(4):
+                img = np.zeros((16, 16, 3), np.uint8)
+                img[..., 0 if c == 0 else 2] = 200 + rng.integers(0, 50)
+                Image.fromarray(img).save(d / f"{i}.png")
+    out = tmp_path / "out"
+    accuracy.main(["--quick", "--dataset", f"folder:{tmp_path / 'data'}", "--generators", "gauss",
+                   "--baselines", "joint", "--out-dir", str(out)])
+    doc = _load(out, "accuracy-data-cgil-tiny")
+    assert doc["meta"]["settings"]["dataset"].startswith("folder:") and len(doc["rows"]) == 2
