@@ -143,10 +143,12 @@ def create_clip(
 
 
 def preprocess_config(clip: FrozenClip) -> dict[str, Any]:
-    """The evaluation preprocessing as plain data (what a torch-free runtime must reproduce)."""
-    from open_clip.factory import get_model_preprocess_cfg
-
-    cfg = dict(get_model_preprocess_cfg(clip.model))
+    """The evaluation preprocessing as plain JSON data (what a torch-free runtime must reproduce)."""
+    cfg = dict(open_clip.get_model_preprocess_cfg(clip.model))
     cfg.setdefault("interpolation", "bicubic")
     cfg.setdefault("resize_mode", "shortest")
-    return json.loads(json.dumps(cfg))  # tuples -> lists, plain JSON types
+    cfg.setdefault("fill_color", 0)
+    cfg = json.loads(json.dumps(cfg))  # tuples -> lists, plain JSON types
+    size = cfg.get("size", clip.identity.image_size)
+    cfg["size"] = [size, size] if isinstance(size, int) else list(size)
+    return cfg

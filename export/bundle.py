@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cgil.artifacts import atomic_write_json, load_tensors, publish_version, read_json, save_tensors, verify_manifest
-from cgil.clip import FrozenClip, create_clip
+from cgil.clip import FrozenClip, create_clip, preprocess_config
 from cgil.config import TrainConfig
 from cgil.data import get_dataset, load_image
 from cgil.errors import CgilError
@@ -100,7 +100,7 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
     head_meta = read_json(state / "head.json")
     check_identity(head_meta["model"], clip, state)
     learner, _ = load_learner(state, clip)
-    preprocess = ox.model_preprocess(clip)
+    preprocess = preprocess_config(clip)
     pre = Preprocess.from_config(preprocess)
     ds = get_dataset(cfg.dataset, cfg.data_dir)
     test_pixels = _pixels(pre, _subset(ds.test.items, ds.test.labels, CHECK_IMAGES))

@@ -39,27 +39,6 @@ TEXT_OUTPUT, KEY_OUTPUT = "text_embedding", "key"  # not "embedding": the export
 MIN_COSINE = 0.9999
 
 
-def model_preprocess(clip: FrozenClip) -> dict[str, Any]:
-    """open_clip's evaluation preprocessing of this model as plain JSON data."""
-    import json
-
-    import open_clip
-
-    try:  # the core helper; it targets an older open_clip layout, so fall back to the public one
-        from cgil.clip import preprocess_config
-
-        cfg = preprocess_config(clip)
-    except ImportError:
-        cfg = dict(open_clip.get_model_preprocess_cfg(clip.model))
-        cfg.setdefault("interpolation", "bicubic")
-        cfg.setdefault("resize_mode", "shortest")
-    cfg = json.loads(json.dumps(cfg))
-    size = cfg.get("size", clip.identity.image_size)
-    cfg["size"] = [size, size] if isinstance(size, int) else list(size)
-    cfg.setdefault("fill_color", 0)
-    return cfg
-
-
 class ImageGraph(nn.Module):
     """uint8 NHWC pixels -> normalised CLIP image embedding; (x/255 - mean)/std folded into one FMA."""
 

@@ -271,11 +271,12 @@ def test_the_dynamo_exporter_gives_the_same_image_graph(fp32_bundle, tiny_clip, 
     """torch 2.14's default exporter (torch.export) is the fallback path: it must stay correct too."""
     import torch
 
-    from export.onnx_export import ImageGraph, export_image, min_cosine, model_preprocess
+    from cgil.clip import preprocess_config
+    from export.onnx_export import ImageGraph, export_image, min_cosine
     from runtime.backends import OnnxRuntimeImage
     from runtime.preprocess import Preprocess
 
-    pre_cfg = model_preprocess(tiny_clip)
+    pre_cfg = preprocess_config(tiny_clip)
     path = export_image(tiny_clip, pre_cfg, tmp_path / "dynamo.onnx", exporter="dynamo")
     pixels = Preprocess.from_config(pre_cfg).batch(test_images(3))
     with torch.no_grad():

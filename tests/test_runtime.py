@@ -29,10 +29,10 @@ def _odd_images() -> list[Image.Image]:
 # ---- preprocessing and tokenizer equal open_clip's ------------------------------------------------------
 def test_preprocess_equals_open_clips_eval_transform(tiny_clip):
     from cgil.data import to_rgb
-    from export.onnx_export import model_preprocess
+    from cgil.clip import preprocess_config
     from runtime.preprocess import Preprocess
 
-    pre = Preprocess.from_config(model_preprocess(tiny_clip))
+    pre = Preprocess.from_config(preprocess_config(tiny_clip))
     worst = 0.0
     for img in test_images(60) + _odd_images():
         ours = pre.normalize(pre.pixels(img)[None])[0]
