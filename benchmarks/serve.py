@@ -257,6 +257,27 @@ def timed_update(bundle: Path, data: Path, *args: str) -> dict[str, Any]:
     return result
 
 
+def fp16_effect(base: Path, work: Path, seeds: Sequence[int], epochs: int, passes: int) -> list[dict[str, Any]]:
+    """The same update (same seed) with the store kept in fp32 and in fp16: accuracy and bytes, per seed."""
+    from cgil.update import store_info
+
+    data, tests = new_class_data(work), test_folder(work)
+    rows = []
+    for seed in seeds:
+        for precision in ("fp32", "fp16"):
+            b = work / f"fp16-effect-{seed}-{precision}"
+            shutil.rmtree(b, ignore_errors=True)
+            shutil.copytree(base, b)
+            timed_update(b, data, "--epochs", str(epochs), "--passes", str(passes), "--seed", str(seed),
+                         "--store-precision", precision)
+            info = store_info(b)
+            rows.append({"seed": seed, "store": precision, "acc_all10_%": accuracy(b, tests),
+                         "acc_new2_%": accuracy(b, tests, ["eight", "nine"]), "acc_old8_%": accuracy(b, tests, DIGIT_NAMES[:8]),
+                         "generator_B_per_class": sum(c["generator_bytes"] for c in info["classes"]) / len(info["classes"])})
+            print(f"  seed {seed} {precision}: {rows[-1]}", flush=True)
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from benchmarks.common import write_results
 
@@ -269,12 +290,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--skip-serving", action="store_true")
     ap.add_argument("--work", type=Path, default=None, help="keep bundles here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--fp16-base", type=Path, default=None,
+                    help="only measure fp16 vs fp32 store on this (VAE) base bundle, over --seeds")
+    ap.add_argument("--seeds", default="1,2,3")
     a = ap.parse_args(argv)
     if a.quick:
         a.passes, a.epochs, a.requests, a.generators = 2, 1, 64, "gauss"
     work = a.work or Path(tempfile.mkdtemp(prefix="cgil-bench-serve-"))
     work.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.fp16_base is not None:
+        seeds = [int(x) for x in a.seeds.split(",")]
+        rows = fp16_effect(a.fp16_base, work, seeds, a.epochs, a.passes)
+        for precision in ("fp32", "fp16"):
+            sel = [r for r in rows if r["store"] == precision]
+            rows.append({"seed": "mean", "store": precision,
+                         **{k: sum(r[k] for r in sel) / len(sel) for k in sel[0] if k not in ("seed", "store")}})
+        write_results("serve-fp16", rows, {"command": command, "base": str(a.fp16_base), "epochs": a.epochs,
+                                           "passes": a.passes, "note": "same update and seed, store fp32 vs fp16; "
+                                           "with fp16 the alignment samples the fp16 round-trip of every generator"}, a.out)
+        return
     gens = a.generators.split(",")
     data, tests = new_class_data(work), test_folder(work)
     update_rows, store_rows = [], []
