@@ -44,7 +44,7 @@ log = logging.getLogger("cgil.serve")
 
 ADMIN_TOKEN_ENV = "CGIL_ADMIN_TOKEN"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-IMAGE_TYPES = ("image/", "application/octet-stream")
+PATHS = ("/v1/classify", "/v1/classes", "/healthz", "/readyz", "/metrics", "/v1/admin/reload", "/openapi.json", "/docs")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class ServeConfig:
     max_queue: int = 256  # images waiting for the engine
     max_body_bytes: int = 16 * 1024 * 1024
     max_images_per_request: int = 64
+    max_pixels: int = 40_000_000  # per decoded image (a small compressed body can hold a huge image)
     admin_token: Optional[str] = None
     admin_loopback: bool = True  # loopback peers may reload without the token
     watch_interval_s: float = 0.25  # 0: no file watch (admin reload only)
@@ -113,6 +114,7 @@ class Metrics:
         self.swaps = 0
 
     def request(self, path: str, status: int, seconds: float) -> None:
+        path = path if path in PATHS else "other"  # bounded label values
         with self.lock:
             self.requests[(path, status)] += 1
             if path == "/v1/classify":
@@ -346,13 +348,15 @@ def is_loopback(host: Optional[str]) -> bool:
         return False
 
 
-def decode_image(data: bytes, preprocess, what: str) -> np.ndarray:
+def decode_image(data: bytes, preprocess, what: str, max_pixels: int = 40_000_000) -> np.ndarray:
     from PIL import Image
 
     if not data:
         raise CgilError(f"{what}: empty image")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:  # checked from the header, before decoding
+                raise CgilError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels}")
             img.load()
             return preprocess.pixels(img.copy())
     except CgilError as e:
@@ -468,7 +472,7 @@ def create_app(cfg: ServeConfig, classifier=None):
         pre = classifier.preprocess
 
         def decode() -> np.ndarray:
-            return np.stack([decode_image(data, pre, what) for what, data in parts])
+            return np.stack([decode_image(data, pre, what, cfg.max_pixels) for what, data in parts])
 
         try:
             pixels = await run_in_threadpool(decode)

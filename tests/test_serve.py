@@ -154,7 +154,13 @@ def test_bad_inputs_get_400_and_413_without_affecting_other_requests(bundle, new
     png = digit_png(new_digits)
     good_codes: list[int] = []
 
-    with running_server(bundle, max_body_bytes=64 * 1024, max_images_per_request=4) as url:
+    import io
+
+    from PIL import Image
+
+    huge = io.BytesIO()
+    Image.new("L", (1100, 1000)).save(huge, "PNG")  # a few kB that would decode to 1.1 M pixels
+    with running_server(bundle, max_body_bytes=64 * 1024, max_images_per_request=4, max_pixels=1_000_000) as url:
         def good() -> None:
             with httpx.Client(base_url=url, timeout=30) as c:
                 for _ in range(20):
@@ -168,6 +174,8 @@ def test_bad_inputs_get_400_and_413_without_affecting_other_requests(bundle, new
             assert r.status_code == 400 and "cannot decode image" in r.json()["error"]
             assert post_image(c, png[: len(png) // 2]).status_code == 400  # truncated PNG
             assert c.post("/v1/classify", content=b"").status_code == 400
+            r = post_image(c, huge.getvalue())
+            assert r.status_code == 400 and "over the limit of 1000000" in r.json()["error"]
             r = c.post("/v1/classify", files=[("images", ("a.png", png, "image/png")), ("images", ("b.png", b"junk", "image/png"))])
             assert r.status_code == 400 and "b.png" in r.json()["error"]
             r = post_image(c, b"\x89PNG" + bytes(100 * 1024))
@@ -185,7 +193,7 @@ def test_bad_inputs_get_400_and_413_without_affecting_other_requests(bundle, new
             t.join()
         metrics = httpx.get(url + "/metrics").text
     assert good_codes == [200] * 60
-    assert 'cgil_errors_total{status="400"} 4' in metrics and 'cgil_errors_total{status="413"} 3' in metrics
+    assert 'cgil_errors_total{status="400"} 5' in metrics and 'cgil_errors_total{status="413"} 3' in metrics
 
 
 def test_queue_overflow_answers_503_with_retry_after(bundle, new_digits):
