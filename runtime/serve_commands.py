@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         max_queue: int = typer.Option(256, "--max-queue", min=1, help="Images waiting before requests get 503"),
         max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Request body limit (413 above it)"),
         max_images: int = typer.Option(64, "--max-images", min=1, help="Images per request"),
+        max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Pixels per decoded image (400 above it)"),
         admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="CGIL_ADMIN_TOKEN",
                                                   help="Token for POST /v1/admin/reload from non-loopback peers"),
         loopback_admin: bool = typer.Option(True, "--loopback-admin/--no-loopback-admin",
@@ -44,7 +45,7 @@ def register(app: typer.Typer) -> None:
         from .server import ServeConfig, serve
 
         cfg = ServeConfig(bundle, backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                          max_body_bytes=int(max_body_mb * 1024 * 1024), max_images_per_request=max_images,
+                          max_body_bytes=int(max_body_mb * 1024 * 1024), max_images_per_request=max_images, max_pixels=max_pixels,
                           admin_token=admin_token, admin_loopback=loopback_admin, watch_interval_s=watch, threads=threads)
         console.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
         serve(cfg, host, port, log_level)
