@@ -243,3 +243,58 @@ def test_kill_9_during_update_leaves_a_loadable_serving_bundle(bundle, new_digit
 
     add_zero_shot(bundle, ["forklift"])
     assert not [p for p in (bundle / "heads").iterdir() if p.name.endswith(".tmp")], leftovers
+
+
+CRASHES = {  # where the process dies (os._exit: no cleanup, no finally, like kill -9) -> which version is current after
+    "writing the version files": ("_write_head", "before"),
+    "before the folder rename": ("rename", "before"),
+    "after the rename, before the pointer switch": ("rename", "after"),
+    "after the pointer switch, before history.json": ("history", "before"),
+}
+
+
+@pytest.mark.parametrize("where", list(CRASHES))
+def test_death_at_each_step_of_publishing_keeps_a_consistent_bundle(bundle, where):
+    from cgil.update import add_zero_shot, rollback
+    from runtime.bundle import load_head
+
+    target, when = CRASHES[where]
+    first, first_version = current(bundle), load_head(bundle).version
+    code = f"""
+import os, cgil.update as u
+target, when = {target!r}, {when!r}
+if target == "_write_head":
+    real = u._write_head
+    def patched(d, *a):
+        real(d, *a)
+        os._exit(137)
+    u._write_head = patched
+elif target == "rename":
+    real = os.rename
+    def patched(a, b):
+        if when == "before":
+            os._exit(137)
+        real(a, b)
+        os._exit(137)
+    u.os.rename = patched
+else:
+    real = u._atomic_write
+    def patched(path, data):
+        if path.name == "history.json":
+            os._exit(137)
+        real(path, data)
+    u._atomic_write = patched
+u.add_zero_shot({str(bundle)!r}, ["forklift"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 137, out.stderr
+    head = load_head(bundle)  # verified: every sha256 of the current version
+    if where.startswith("after the pointer"):
+        assert head.version == first_version + 1 and "forklift" in head.class_names
+        assert rollback(bundle) == (f"head-{head.version:04d}", first)  # history.json was not written: still rolls back
+    else:
+        assert current(bundle) == first and head.version == first_version and "forklift" not in head.class_names
+    # the next update cleans up and publishes normally
+    result = add_zero_shot(bundle, ["forklift"])
+    assert load_head(bundle).version == result["version"] and "forklift" in load_head(bundle).class_names
+    assert not [p for p in (bundle / "heads").iterdir() if p.name.endswith(".tmp")]
