@@ -26,7 +26,7 @@ def _worker(rank: int, world: int, port: int, clip, ds, tmp: str) -> None:
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     from cgil import distributed
-    from cgil.features import embed_items, task_features
+    from cgil.features import cache_key, embed_items, task_features
     from cgil.progress import Reporter
     from cgil.train import run
 
@@ -88,7 +88,8 @@ def test_two_gloo_processes_equal_single_process(tmp_path, monkeypatch):
         assert torch.equal(r["again"], single)
         assert torch.equal(r["odd"], single_odd)
         assert r["n_cache_files"] == 1  # written once, by rank 0, before anyone went on
-    cached = load_tensors(next((tmp_path / "cache" / "features").glob("*.safetensors")))
+    # the run inside the workers caches more tasks; look up this task's file by its key
+    cached = load_tensors(tmp_path / "cache" / "features" / f"{cache_key(clip, ds, 'test', CLASSES)}.safetensors")
     assert torch.equal(cached["features"], single)
     m0, m1 = ranks[0]["metrics"], ranks[1]["metrics"]
     assert m0["accuracy_matrix"] == m1["accuracy_matrix"] and len(m0["accuracy_matrix"]) == 2
