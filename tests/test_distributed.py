@@ -26,7 +26,7 @@ def _worker(rank: int, world: int, port: int, clip, ds, tmp: str) -> None:
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     from cgil import distributed
-    from cgil.features import cache_key, embed_items, task_features
+    from cgil.features import embed_items, task_features
     from cgil.progress import Reporter
     from cgil.train import run
 
@@ -64,7 +64,7 @@ def test_two_gloo_processes_equal_single_process(tmp_path, monkeypatch):
     from cgil.artifacts import load_tensors
     from cgil.clip import create_clip
     from cgil.data import get_dataset
-    from cgil.features import embed_items, task_features
+    from cgil.features import cache_key, embed_items, task_features
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
