@@ -1,8 +1,10 @@
 """Durable, verifiable files: atomic writes, safetensors + JSON, manifests with sha256.
 
 A reader never sees a half-written file: everything is written to a temporary name in the same
-directory, fsynced, then renamed over the target. A versioned directory (a run's state, a bundle)
-is written whole into a fresh folder and published by atomically rewriting a small pointer file.
+directory, fsynced, then renamed over the target. A versioned directory (a run's state, a bundle's
+head) is written whole into a fresh folder and published by atomically rewriting a small pointer file.
+
+Importing this module does not import torch: the torch-free runtime verifies and publishes with it.
 """
 from __future__ import annotations
 
@@ -12,13 +14,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import CgilError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,23 +50,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> bytes:
+def tensors_to_bytes(tensors: dict[str, "torch.Tensor"], metadata: Optional[dict[str, str]] = None) -> bytes:
+    from safetensors.torch import save as st_save
+
     return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor"], metadata: Optional[dict[str, str]] = None) -> None:
     atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
+    from safetensors.torch import load as st_load
+
     path = Path(path)
     try:
         return st_load(path.read_bytes())
@@ -81,8 +90,8 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CgilError(f"missing file {path}") from None
-    except json.JSONDecodeError as e:
-        raise CgilError(f"corrupt JSON file {path}: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CgilError(f"{path} is corrupt: {e}") from e
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -106,32 +115,48 @@ def write_manifest(directory: Path, kind: str, extra: Optional[dict[str, Any]] =
 
 
 def verify_manifest(directory: str | os.PathLike, kind: Optional[str] = None) -> dict[str, Any]:
-    """Check schema version, kind and every file's sha256; raise a CgilError naming what is wrong."""
+    """Check schema version, kind, and every listed file's size and sha256; raise a CgilError naming what is wrong."""
     directory = Path(directory)
-    manifest = read_json(directory / MANIFEST)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise CgilError(f"{directory} does not exist or is not a directory")
+    if not path.is_file():
+        what = f"a complete {kind}" if kind else "complete"
+        raise CgilError(f"{directory} is not {what} (no {MANIFEST}): an interrupted write or the wrong folder")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise CgilError(f"{path} is corrupt: not a JSON object")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise CgilError(f"{directory / MANIFEST}: schema version {version}, this cgil reads {SCHEMA_VERSION}")
+        raise CgilError(f"{path}: schema version {version}, this cgil reads {SCHEMA_VERSION}")
     if kind is not None and manifest.get("kind") != kind:
         raise CgilError(f"{directory} holds a {manifest.get('kind')!r}, expected a {kind!r}")
-    for name, info in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise CgilError(f"{path} is listed in the manifest but missing")
-        if sha256_file(path) != info["sha256"]:
-            raise CgilError(f"{path} does not match its sha256 in the manifest (corrupt or modified)")
+    for name, info in manifest.get("files", {}).items():
+        file = directory / name
+        if not file.is_file():
+            raise CgilError(f"{file} is listed in {path} but missing")
+        size = file.stat().st_size
+        if size != info.get("bytes", size):
+            raise CgilError(f"{file} has {size} bytes, the manifest says {info['bytes']} (truncated or modified)")
+        if sha256_file(file) != info["sha256"]:
+            raise CgilError(f"{file} does not match its sha256 in {path} (corrupt or modified)")
     return manifest
 
 
 def publish_version(root: str | os.PathLike, name: str, write: Callable[[Path], None], kind: str,
-                    extra: Optional[dict[str, Any]] = None, keep: int = 2) -> Path:
+                    extra: Optional[dict[str, Any]] = None, keep: int = 2, overwrite: bool = True) -> Path:
     """Write a new version directory `root/name` with `write(tmpdir)`, then point `root/CURRENT` at it.
 
     Until the pointer is rewritten, readers see the previous version untouched; a crash at any
     point leaves at worst an orphaned temporary folder, never a half-written current version.
+    `history.json` lists the last `keep` published versions (the rollback targets); older ones are
+    deleted. With overwrite=False an existing `root/name` is refused (version names never reused).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    if final.exists() and not overwrite:
+        raise CgilError(f"{final} exists already; versions are never overwritten")
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
         write(tmp)
@@ -141,7 +166,6 @@ def publish_version(root: str | os.PathLike, name: str, write: Callable[[Path], 
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         fsync_dir(tmp)
-        final = root / name
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -149,17 +173,33 @@ def publish_version(root: str | os.PathLike, name: str, write: Callable[[Path], 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / POINTER, name + "\n")
-    history = [n for n in read_history(root) if n != name and (root / n).exists()] + [name]
+    previous = current_version(root)
+    history = [n for n in read_history(root) if n != name and (root / n).exists()]
+    if previous and previous != name and previous not in history:
+        history.append(previous)
+    atomic_write_text(root / POINTER, name + "\n")  # the one switch readers see
+    history.append(name)
     for old in history[:-keep]:  # the previous version always survives, for readers and rollback
         shutil.rmtree(root / old, ignore_errors=True)
     atomic_write_json(root / "history.json", history[-keep:])
     return final
 
 
-def read_history(root: Path) -> list[str]:
-    path = root / "history.json"
-    return list(read_json(path)) if path.exists() else []
+def remove_orphans(root: str | os.PathLike) -> None:
+    """Temporary version folders left by a killed writer (call only while no writer runs)."""
+    for p in Path(root).iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_history(root: str | os.PathLike) -> list[str]:
+    path = Path(root) / "history.json"
+    if not path.exists():
+        return []
+    history = read_json(path)
+    if not isinstance(history, list):
+        raise CgilError(f"{path} is corrupt: not a list of versions")
+    return [str(n) for n in history]
 
 
 def current_version(root: str | os.PathLike) -> Optional[str]:

@@ -16,7 +16,7 @@ A name-only update (`add_zero_shot`) needs no torch: the key is the zero-shot te
 "a photo of a {name}" from the bundle's text_zero_shot.onnx. A later image-based update of the
 same name replaces that key with a learned prompt.
 
-Publishing is atomic and torch-free (`publish_head`, the same layout as cgil.artifacts.publish_version):
+Publishing is atomic and torch-free (`publish_head` = cgil.artifacts.publish_version):
 the version is written whole into a temporary folder, every file and the folder are fsynced, the
 folder is renamed to heads/head-NNNN, then the one-line pointer heads/CURRENT is replaced atomically.
 A process killed at any point leaves the previous version current and intact (at worst an orphaned
@@ -31,13 +31,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .artifacts import (atomic_write_json, atomic_write_text, json_bytes, publish_version, read_history,
+                        remove_orphans)
 from .errors import CgilError
 
 HEADS_DIR = "heads"
@@ -45,7 +46,6 @@ POINTER = "CURRENT"
 HISTORY = "history.json"
 MANIFEST = "manifest.json"
 HEAD_KIND = "cgil-head"
-SCHEMA_VERSION = 1
 KEEP = 2  # versions kept on disk after a publish: the current one and the previous (rollback target)
 VERSION_RE = re.compile(r"^head-(\d+)$")
 STORE_PRECISIONS = ("fp32", "fp16")
@@ -70,16 +70,6 @@ def current_name(root: Path) -> str:
     return name
 
 
-def read_history(root: Path) -> list[str]:
-    path = root / HISTORY
-    if not path.exists():
-        return []
-    try:
-        return [str(n) for n in json.loads(path.read_text())]
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CgilError(f"{path} is corrupt: {e}") from e
-
-
 def version_dirs(root: Path) -> dict[int, Path]:
     out = {}
     for p in root.iterdir():
@@ -87,42 +77,6 @@ def version_dirs(root: Path) -> dict[int, Path]:
         if m and p.is_dir():
             out[int(m.group(1))] = p
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode()
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -139,48 +93,11 @@ def update_lock(root: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _remove_orphans(root: Path) -> None:
-    """Temporary folders left by a killed update (only called under the update lock)."""
-    for p in root.iterdir():
-        if p.name.startswith(".head-") and p.name.endswith(".tmp"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def publish_head(root: Path, version: int, write: Callable[[Path], None], model: dict[str, Any],
                  keep: int = KEEP) -> Path:
     """Write heads/head-NNNN with `write(tmpdir)` + a sha256 manifest, then switch heads/CURRENT to it."""
-    name = f"head-{version:04d}"
-    final = root / name
-    if final.exists():
-        raise CgilError(f"{final} exists already; head versions are never overwritten")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-    try:
-        write(tmp)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
-        manifest = {"schema_version": SCHEMA_VERSION, "kind": HEAD_KIND,
-                    "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
-                    "model": model}
-        (tmp / MANIFEST).write_bytes(_json_bytes(manifest))
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    history = [n for n in read_history(root) if n != name and (root / n).is_dir()]
-    previous = current_name(root)
-    if previous not in history:
-        history.append(previous)
-    _atomic_write(root / POINTER, (name + "\n").encode())  # the one switch readers see
-    history.append(name)
-    for old in history[:-keep]:
-        shutil.rmtree(root / old, ignore_errors=True)
-    _atomic_write(root / HISTORY, _json_bytes(history[-keep:]))
-    return final
+    return publish_version(root, f"head-{version:04d}", write, kind=HEAD_KIND, extra={"model": model}, keep=keep,
+                           overwrite=False)
 
 
 def rollback(bundle: str | os.PathLike, report: Report = lambda s: None) -> tuple[str, str]:
@@ -197,9 +114,9 @@ def rollback(bundle: str | os.PathLike, report: Report = lambda s: None) -> tupl
             raise CgilError(f"{bundle}: no previous head version to roll back to (current {current})")
         target = earlier[-1]
         load_head(root / target)  # verify before switching
-        _atomic_write(root / POINTER, (target + "\n").encode())
+        atomic_write_text(root / POINTER, target + "\n")
         # the rolled-back version stays on disk (its number is never reused) but leaves the history
-        _atomic_write(root / HISTORY, _json_bytes([n for n in history if n != current]))
+        atomic_write_json(root / HISTORY, [n for n in history if n != current])
     report(f"rolled back {bundle}: {current} -> {target}")
     return current, target
 
@@ -256,7 +173,7 @@ def _write_head(d: Path, keys: np.ndarray, future_keys: np.ndarray, meta: dict[s
     if len(meta.get("future_class_names", [])):
         tensors["future_keys"] = np.ascontiguousarray(future_keys, np.float32)
     save_file(tensors, str(d / "head.safetensors"))
-    (d / "head.json").write_bytes(_json_bytes(meta))
+    atomic_write_json(d / "head.json", meta)
 
 
 def add_zero_shot(bundle: str | os.PathLike, names: Sequence[str], report: Report = lambda s: None) -> dict[str, Any]:
@@ -269,7 +186,7 @@ def add_zero_shot(bundle: str | os.PathLike, names: Sequence[str], report: Repor
     manifest = open_bundle(bundle)
     root = heads_root(bundle)
     with update_lock(root):
-        _remove_orphans(root)
+        remove_orphans(root)
         head = load_head(bundle, manifest["model"])
         check_new_names(names, head.class_names, _learned_names(head.directory), allow_zero_shot=False)
         t0 = time.perf_counter()
@@ -328,7 +245,7 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
     manifest = open_bundle(bundle)
     root = heads_root(bundle)
     with update_lock(root):
-        _remove_orphans(root)
+        remove_orphans(root)
         head = load_head(bundle, manifest["model"])
         src = head.directory
         learned = _learned_names(src)
@@ -440,9 +357,9 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
         prompts_meta = {"n_ctx": learner.prompts.n_ctx, "class_ids": learner.class_ids, "class_names": learner.class_names}
         blobs = {
             "prompts.safetensors": tensors_to_bytes(learner.prompts.learned_state()),
-            "prompts.json": _json_bytes(prompts_meta),
+            "prompts.json": json_bytes(prompts_meta),
             "store.safetensors": tensors_to_bytes(store_tensors),
-            "store.json": _json_bytes(store_meta),
+            "store.json": json_bytes(store_meta),
             "prompt_context.safetensors": tensors_to_bytes({"context": prompt_context(learner),
                                                             "tokens": learner.prompts.tokens.cpu()}),
         }

@@ -22,7 +22,8 @@ from cgil.data import get_dataset, load_image
 from cgil.errors import CgilError
 from cgil.runs import open_run
 from cgil.state import check_identity, load_learner
-from runtime.bundle import BUNDLE_KIND, HEAD_KIND, HEADS_DIR, MANIFEST, SCHEMA_VERSION, load_head, open_bundle, sha256_file
+from cgil.artifacts import SCHEMA_VERSION, sha256_file
+from runtime.bundle import BUNDLE_KIND, HEAD_KIND, HEADS_DIR, MANIFEST, load_head, open_bundle
 from runtime.preprocess import Preprocess
 
 from . import onnx_export as ox

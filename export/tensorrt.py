@@ -71,7 +71,7 @@ def build_engine(onnx_path: Path, precision: str, image_hw: tuple[int, int], max
                  cache_dir: Optional[Path] = None) -> tuple[bytes, dict[str, Any]]:
     """Serialized engine bytes and their cache key; reused from the engine cache when the key matches."""
     trt, _ = require_tensorrt()
-    from runtime.bundle import sha256_file
+    from cgil.artifacts import sha256_file
 
     cache_dir = Path(cache_dir or default_cache_dir())
     cache_dir.mkdir(parents=True, exist_ok=True)

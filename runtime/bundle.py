@@ -22,7 +22,6 @@ The engine files are written once; heads are versioned so that an update publish
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -31,9 +30,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from cgil.artifacts import verify_manifest  # torch-free
 from cgil.errors import CgilError
 
-SCHEMA_VERSION = 1  # equal to cgil.artifacts.SCHEMA_VERSION (the head versions are written with it)
 MANIFEST = "manifest.json"
 BUNDLE_KIND = "cgil-bundle"
 HEAD_KIND = "cgil-head"
@@ -41,42 +40,9 @@ HEADS_DIR = "heads"
 POINTER = "CURRENT"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_manifest(directory: Path, kind: str) -> dict[str, Any]:
-    """Parse and check one manifest: schema version, kind, and the sha256 of every listed file."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise CgilError(f"{directory} does not exist or is not a directory")
-    if not path.is_file():
-        raise CgilError(f"{directory} is not a complete {kind} (no {MANIFEST}): an interrupted export or the wrong folder")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CgilError(f"{path} is corrupt: {e}") from e
-    if not isinstance(manifest, dict):
-        raise CgilError(f"{path} is corrupt: not a JSON object")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise CgilError(f"{path}: schema version {version}, this cgil reads {SCHEMA_VERSION}")
-    if manifest.get("kind") != kind:
-        raise CgilError(f"{directory} holds a {manifest.get('kind')!r}, expected a {kind!r}")
-    for name, info in manifest.get("files", {}).items():
-        file = directory / name
-        if not file.is_file():
-            raise CgilError(f"{file} is listed in {path} but missing")
-        if file.stat().st_size != info.get("bytes", file.stat().st_size):
-            raise CgilError(f"{file} has {file.stat().st_size} bytes, the manifest says {info['bytes']} (truncated or modified)")
-        if sha256_file(file) != info["sha256"]:
-            raise CgilError(f"{file} does not match its sha256 in {path} (corrupt or modified)")
-    return manifest
+    """Parse and check one manifest: schema version, kind, and the size and sha256 of every listed file."""
+    return verify_manifest(directory, kind)
 
 
 def open_bundle(bundle: str | os.PathLike) -> dict[str, Any]:

@@ -261,29 +261,31 @@ def test_death_at_each_step_of_publishing_keeps_a_consistent_bundle(bundle, wher
     target, when = CRASHES[where]
     first, first_version = current(bundle), load_head(bundle).version
     code = f"""
-import os, cgil.update as u
+import os, cgil.artifacts as a, cgil.update as u
 target, when = {target!r}, {when!r}
 if target == "_write_head":
     real = u._write_head
-    def patched(d, *a):
-        real(d, *a)
+    def patched(d, *args):
+        real(d, *args)
         os._exit(137)
     u._write_head = patched
 elif target == "rename":
-    real = os.rename
-    def patched(a, b):
+    real = os.replace
+    def patched(src, dst):
+        if not os.path.isdir(src):  # file writes go through os.replace too
+            return real(src, dst)
         if when == "before":
             os._exit(137)
-        real(a, b)
+        real(src, dst)
         os._exit(137)
-    u.os.rename = patched
+    a.os.replace = patched
 else:
-    real = u._atomic_write
+    real = a.atomic_write_bytes
     def patched(path, data):
         if path.name == "history.json":
             os._exit(137)
         real(path, data)
-    u._atomic_write = patched
+    a.atomic_write_bytes = patched
 u.add_zero_shot({str(bundle)!r}, ["forklift"])
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
