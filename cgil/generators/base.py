@@ -105,6 +105,68 @@ class ClassGenerators(nn.Module, ABC):
         return torch.device("cpu")
 
 
+class TrainedGenerators(ClassGenerators):
+    """Families trained by gradient descent on normalised embeddings (VAE, diffusion): one shared loop.
+
+    Subclasses say what the networks are, what noise one step needs, and the per-class loss; the
+    loop, the per-class data order, learning rates and RNG streams, and the normalisation live here.
+    """
+
+    schedule: ClassVar[bool] = False  # SGDR warm restarts (the VAE's reference schedule)
+    weight_decay: ClassVar[float] = 0.0
+    noise_chunk: ClassVar[int] = 64  # steps of noise drawn at once per class
+
+    @abstractmethod
+    def build_networks(self, gens: Sequence[torch.Generator]) -> nn.Module:
+        """All trainable modules, initialised from the per-class generators."""
+
+    @abstractmethod
+    def draw_noise(self, gens: Sequence[torch.Generator], steps: int) -> tuple[torch.Tensor, ...]:
+        """Noise for `steps` steps, each tensor (K, steps, ...), class k from its own generator."""
+
+    @abstractmethod
+    def batch_loss(self, nets: nn.Module, x: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(K,) losses of one step on normalised batches x (K, B, D)."""
+
+    @abstractmethod
+    def keep(self, nets: nn.Module) -> None:
+        """Copy the sampling-only part of the trained networks into this (empty-built) module."""
+
+    def fit(self, feats: Sequence[torch.Tensor], seed: int, progress: Progress = None) -> dict[str, Any]:
+        from .layers import BatchedAdam, MinMaxZScore, batch_indices, class_generators, lr_table, pad_features
+
+        self.check_sizes(feats)
+        device = feats[0].device
+        sizes = [f.shape[0] for f in feats]
+        norm = MinMaxZScore.fit(feats)
+        x = norm.forward(pad_features(feats)[0]).to(device)
+        gens = class_generators(seed, self.class_ids)
+        nets = self.build_networks(gens).to(device)
+        per_class_iters = self.iterations(sizes)
+        iters = max(per_class_iters)
+        idx = batch_indices(class_generators(seed, self.class_ids, stream=1), sizes, iters, self.cfg.batch_size)
+        idx = idx.to(device)
+        lrs = lr_table(self.lr, per_class_iters, schedule=self.schedule)
+        opt = BatchedAdam(list(nets.parameters()), weight_decay=self.weight_decay)
+        loss_k = torch.zeros(self.num_classes)
+        for it in range(iters):
+            if it % self.noise_chunk == 0:  # whole chunks always, so a class's streams never depend on K
+                noise = tuple(n.to(device) for n in self.draw_noise(gens, self.noise_chunk))
+            xb = torch.gather(x, 1, idx[:, it, :, None].expand(-1, -1, self.dim))
+            loss_k = self.batch_loss(nets, xb, tuple(n[:, it % self.noise_chunk] for n in noise))
+            opt.zero_grad()
+            loss_k.sum().backward()  # classes share no parameters: each gets exactly its own gradient
+            opt.step(lrs[it])
+            if progress:
+                progress(it + 1, iters)
+        self.build_empty()
+        self.keep(nets)
+        self.norm_scale.copy_(norm.scale)
+        self.norm_shift.copy_(norm.shift)
+        self.to(device)
+        return {"iterations": per_class_iters, "final_loss": float(loss_k.detach().mean())}
+
+
 def randn_per_class(gens: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
     """(K, *shape) standard normals, class k drawn from its own generator.
 

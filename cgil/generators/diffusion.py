@@ -5,6 +5,7 @@ A small MLP denoiser (5 hidden layers of 256, SiLU, sinusoidal time embedding) p
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -12,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ClassGenerators, Progress, randn_per_class
-from .layers import BatchedAdam, BatchedLinear, MinMaxZScore, batch_indices, class_generators, lr_table, pad_features
+from .base import TrainedGenerators, randn_per_class
+from .layers import BatchedLinear
 
 _TIME_DIM = 64
-_NOISE_CHUNK = 64
 _X0_CLIP = 5.0  # normalised data are z-scores
 
 
+@functools.lru_cache(maxsize=8)
 def cosine_alpha_bar(steps: int, s: float = 0.008) -> torch.Tensor:
+    """Cumulative signal fractions of the cosine schedule (cached: training asks every step; never mutated)."""
     t = torch.arange(steps + 1, dtype=torch.float64) / steps
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
@@ -48,10 +50,11 @@ class _Denoiser(nn.Module):
         return h
 
 
-class DiffusionGenerators(ClassGenerators):
+class DiffusionGenerators(TrainedGenerators):
     kind = "diffusion"
     min_samples = 2
     default_lr = 1e-3
+    weight_decay = 0.01  # AdamW's default
 
     def _layer_shapes(self) -> list[tuple[int, int]]:
         d, h, n = self.dim, self.cfg.diffusion_hidden, self.cfg.diffusion_layers
@@ -62,46 +65,25 @@ class DiffusionGenerators(ClassGenerators):
         self.denoiser = _Denoiser([BatchedLinear.empty(k, i, o) for i, o in self._layer_shapes()])
         self.register_buffer("norm_scale", torch.ones(k, 1, self.dim))
         self.register_buffer("norm_shift", torch.zeros(k, 1, self.dim))
-        self.register_buffer("alpha_bar", cosine_alpha_bar(self.cfg.diffusion_steps))
+        self.register_buffer("alpha_bar", cosine_alpha_bar(self.cfg.diffusion_steps).clone())
 
-    def fit(self, feats: Sequence[torch.Tensor], seed: int, progress: Progress = None) -> dict[str, float]:
-        self.check_sizes(feats)
-        device = feats[0].device
-        d, bsz, steps = self.dim, self.cfg.batch_size, self.cfg.diffusion_steps
-        sizes = [f.shape[0] for f in feats]
-        x, mask = pad_features(feats)
-        norm = MinMaxZScore.fit(feats)
-        x = norm.forward(x).to(device)
-        gens = class_generators(seed, self.class_ids)
-        net = _Denoiser([BatchedLinear(gens, i, o) for i, o in self._layer_shapes()]).to(device)
-        per_class_iters = self.iterations(sizes)
-        iters = max(per_class_iters)
-        idx = batch_indices(class_generators(seed, self.class_ids, stream=1), sizes, iters, bsz).to(device)
-        alpha_bar = cosine_alpha_bar(steps).to(device)
-        lrs = lr_table(self.lr, per_class_iters, schedule=False)
-        opt = BatchedAdam(list(net.parameters()), weight_decay=0.01)  # AdamW's default decay
-        loss_k = torch.zeros(self.num_classes)
-        for it in range(iters):
-            if it % _NOISE_CHUNK == 0:
-                chunk = _NOISE_CHUNK
-                noise = randn_per_class(gens, (chunk, bsz, d)).to(device)
-                tsteps = torch.stack([torch.randint(0, steps, (chunk, bsz), generator=g) for g in gens]).to(device)
-            eps, t = noise[:, it % _NOISE_CHUNK], tsteps[:, it % _NOISE_CHUNK]
-            x0 = torch.gather(x, 1, idx[:, it, :, None].expand(-1, -1, d))
-            ab = alpha_bar[t].unsqueeze(-1)
-            xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-            loss_k = (net(xt, t) - eps).pow(2).mean(dim=(1, 2))
-            opt.zero_grad()
-            loss_k.sum().backward()
-            opt.step(lrs[it])
-            if progress:
-                progress(it + 1, iters)
-        self.build_empty()
-        self.denoiser.load_state_dict(net.state_dict())
-        self.norm_scale.copy_(norm.scale)
-        self.norm_shift.copy_(norm.shift)
-        self.to(device)
-        return {"iterations": per_class_iters, "final_loss": float(loss_k.detach().mean())}
+    def build_networks(self, gens: Sequence[torch.Generator]) -> nn.Module:
+        return nn.ModuleDict({"denoiser": _Denoiser([BatchedLinear(gens, i, o) for i, o in self._layer_shapes()])})
+
+    def draw_noise(self, gens: Sequence[torch.Generator], steps: int) -> tuple[torch.Tensor, ...]:
+        noise = randn_per_class(gens, (steps, self.cfg.batch_size, self.dim))
+        t = torch.stack([torch.randint(0, self.cfg.diffusion_steps, (steps, self.cfg.batch_size), generator=g)
+                         for g in gens])
+        return noise, t
+
+    def batch_loss(self, nets: nn.Module, x: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        eps, t = noise
+        ab = cosine_alpha_bar(self.cfg.diffusion_steps).to(x.device)[t].unsqueeze(-1)
+        xt = ab.sqrt() * x + (1 - ab).sqrt() * eps
+        return (nets["denoiser"](xt, t) - eps).pow(2).mean(dim=(1, 2))
+
+    def keep(self, nets: nn.Module) -> None:
+        self.denoiser.load_state_dict(nets["denoiser"].state_dict())
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
