@@ -15,6 +15,8 @@ from cgil.errors import CgilError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual learning for a frozen CLIP (CGIL): train, export, serve, update.")
 console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough that result tables are never truncated
+    console = Console(width=120)
 
 
 def fail(message: str) -> None:

@@ -10,12 +10,12 @@ from rich.table import Table
 from .artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SUMMARY_KEYS = [
-    ("final_avg_acc", "final avg acc"),
-    ("final_pooled_acc", "final pooled acc"),
-    ("avg_incremental_acc", "avg incremental acc"),
+    ("final_avg_acc", "final avg"),
+    ("final_pooled_acc", "final pooled"),
+    ("avg_incremental_acc", "avg incr."),
     ("forgetting", "forgetting"),
     ("transfer", "transfer"),
-    ("transfer_unnormalised", "transfer (ref., unnorm.)"),
+    ("transfer_unnormalised", "transfer (ref.)"),
 ]
 
 
@@ -64,8 +64,8 @@ def _fmt(v: Any) -> str:
 
 
 def summary_table(results: dict[str, dict[str, Any]], title: str = "Results (percent)") -> Table:
-    table = Table(title=title)
-    table.add_column("method")
+    table = Table(title=title, caption="accuracies in %; transfer (ref.): the reference's unnormalised zero-shot keys")
+    table.add_column("method", no_wrap=True)
     for _, label in SUMMARY_KEYS:
         table.add_column(label, justify="right")
     for name, m in results.items():
