@@ -1,17 +1,27 @@
 """Image-path latency: torch eager vs ONNX Runtime fp32 vs int8, side by side in one process.
 
-    python -m benchmarks.latency                      # cgil-tiny and ViT-B-16, batch 1 and 8, this CPU
+    python -m benchmarks.latency                      # cgil-tiny, ViT-B-16, ViT-L-14; batch 1, 8, 32; this CPU
     python -m benchmarks.latency --models cgil-tiny --batches 1 8 32 --repeats 50
+    python -m benchmarks.latency --skip ViT-L-14:32   # leave out a (model, batch) cell that takes too long
 
 Every engine runs the same graph (uint8 NHWC pixels -> normalised embedding, export.onnx_export.ImageGraph)
-on the same real inputs (digits test images at the model's size), median of `--repeats` calls after
-warm-up. Random weights: latency does not depend on the weights' values. Also reported: top-1
+on the same real inputs (digits test images at the model's size), engines taking turns call by call,
+median (and p95/p99) of up to `--repeats` calls after warm-up; a cell whose round takes long gets
+fewer calls (`--cell-seconds`, at least `--min-repeats`) and the table says how many. Random weights:
+latency does not depend on the weights' values.
+
+FLOPs are counted once per image with torch's FlopCounterMode on the unfused math path (MHA fast path
+off, SDPA math backend): the fused inference kernels are invisible to the counter, which otherwise
+misses the whole attention block (a third of ViT-B-16's 35.1 GFLOP). The FLOP-rate limit the rates
+are compared with is measured on this machine (`gemm_peak`: best fp32 GEMM rate of torch and ONNX
+Runtime at the run's threads), next to the nominal ISA peak (cores x clock x FLOP/cycle). Also reported: top-1
 agreement of int8 with fp32 on the digits test split, with the zero-shot keys of the ten digit names
 (or the head of `--run RUN` for that run's model).
 
 Extending (issue 5): add an engine with `@engine("name")` (a factory returning `fn(pixels)`, or None
 where the engine is unavailable, e.g. CUDA on a CPU machine); models and batches are options. Each row
-records GFLOP/s from FlopCounterMode's count of one image, so a share-of-peak column is one division.
+records GFLOP/s and its share of the measured GEMM limit and of the nominal peak. GPU engines that
+cannot run here appear as rows marked "not measured", never as estimates.
 """
 from __future__ import annotations
 
@@ -52,6 +62,7 @@ class ModelCase:
     calibration: np.ndarray
     threads: int
     _paths: dict
+    gflop: float = 0.0
 
     def onnx(self, precision: str) -> Path:
         if precision not in self._paths:
@@ -63,7 +74,9 @@ class ModelCase:
             if precision == "int8":
                 out = self.workdir / f"{self.name}.int8.onnx"
                 t0 = time.perf_counter()
-                to_int8(fp32, out, [self.calibration[i:i + 16] for i in range(0, len(self.calibration), 16)])
+                # ORT's calibrator keeps every intermediate tensor of a batch: 16 ViT-L-14 images need > 24 GB.
+                step = 16 if self.gflop < 50.0 else 2
+                to_int8(fp32, out, [self.calibration[i:i + step] for i in range(0, len(self.calibration), step)])
                 print(f"  {self.name}: int8 calibration on {len(self.calibration)} images took {time.perf_counter() - t0:.0f}s",
                       flush=True)
                 self._paths["int8"] = out
@@ -100,35 +113,120 @@ engine("ORT fp32")(_ort("fp32"))
 engine("ORT int8")(_ort("int8"))
 
 
-def time_interleaved(fns: dict[str, Embed], pixels: np.ndarray, warmup: int, repeats: int) -> dict[str, dict]:
+def _percentile(sorted_ms: list[float], p: float) -> float:
+    return sorted_ms[min(len(sorted_ms) - 1, round(p / 100.0 * (len(sorted_ms) - 1)))]
+
+
+def time_interleaved(fns: dict[str, Embed], pixels: np.ndarray, warmup: int, repeats: int,
+                     cell_seconds: float = float("inf"), min_repeats: int = 3) -> dict[str, dict]:
     """Per-engine wall times, engines taking turns call by call.
 
     Round-robin rather than one engine after the other: load from other processes on a shared
     machine then slows every engine alike instead of whichever ran during the busy minute.
-    Same statistics as common.time_call (median, p95 in ms).
+    Warm-up rounds are not timed. After the first timed round, the number of rounds is cut to what
+    fits in `cell_seconds` (never below `min_repeats`): ViT-L-14 at batch 32 takes a minute a round
+    on two cores. Statistics as common.time_call (median, p95, p99 in ms).
     """
     times: dict[str, list[float]] = {e: [] for e in fns}
-    for i in range(warmup + repeats):
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn(pixels)
+    rounds, i, started = repeats, 0, time.perf_counter()
+    while i < rounds:
         for e, fn in fns.items():
             t0 = time.perf_counter()
             fn(pixels)
-            if i >= warmup:
-                times[e].append((time.perf_counter() - t0) * 1000.0)
+            times[e].append((time.perf_counter() - t0) * 1000.0)
+        if i == 0:
+            per_round = time.perf_counter() - started
+            rounds = max(min_repeats, min(repeats, int(cell_seconds / max(per_round, 1e-9))))
+        i += 1
     out = {}
     for e, ts in times.items():
         ts.sort()
-        out[e] = {"p50_ms": float(np.median(ts)), "p95_ms": ts[min(len(ts) - 1, round(0.95 * (len(ts) - 1)))], "runs": len(ts)}
+        out[e] = {"p50_ms": float(np.median(ts)), "p95_ms": _percentile(ts, 95), "p99_ms": _percentile(ts, 99),
+                  "runs": len(ts)}
     return out
 
 
 def flops_per_image(graph, image_hw: tuple[int, int]) -> float:
+    """FLOPs (2 per multiply-add) of one image through `graph`, attention included.
+
+    Counted on the unfused math path: torch's MHA inference fast path and its fused SDPA kernels are
+    not seen by FlopCounterMode, which then undercounts ViT-B-16 by 36% (22.5 instead of 35.1 GFLOP).
+    """
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    from export.onnx_export import _no_mha_fastpath
+
     x = torch.zeros(1, *image_hw, 3, dtype=torch.uint8)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with _no_mha_fastpath(), sdpa_kernel(SDPBackend.MATH), torch.inference_mode(), \
+            FlopCounterMode(display=False) as counter:
         graph(x)
     return float(counter.get_total_flops())
+
+
+# fp32 FLOP per cycle per core = FMA pipes x fp32 lanes per pipe x 2. Zen 3/4 (family 0x19): two 256-bit
+# FMA pipes (Zen 4 runs AVX-512 as 2 x 256 bit) -> 32; Zen 5 (0x1a): two 512-bit FMA pipes -> 64.
+_AMD_FLOP_PER_CYCLE = {0x17: 16, 0x19: 32, 0x1A: 64}
+
+
+def nominal_peak(threads: int) -> dict[str, Any]:
+    """threads x clock x fp32 FLOP/cycle from /proc/cpuinfo (the clock a VM reports: nominal, not boost)."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            info.setdefault(k.strip(), v.strip())
+    except OSError:
+        return {}
+    flags, mhz = set(info.get("flags", "").split()), float(info.get("cpu MHz", 0) or 0)
+    family = int(info.get("cpu family", 0) or 0)
+    if info.get("vendor_id") == "AuthenticAMD" and family in _AMD_FLOP_PER_CYCLE:
+        per_cycle, why = _AMD_FLOP_PER_CYCLE[family], f"AMD family {family:#x}: 2 FMA pipes"
+    elif "avx512f" in flags:  # Intel server cores with two 512-bit FMA units
+        per_cycle, why = 64, "AVX-512: 2 x 512-bit FMA"
+    elif "fma" in flags:
+        per_cycle, why = 32, "AVX2: 2 x 256-bit FMA"
+    else:
+        per_cycle, why = 8, "SSE"
+    return {"gflop_per_s": threads * mhz / 1e3 * per_cycle, "mhz": mhz, "flop_per_cycle": per_cycle, "threads": threads,
+            "basis": f"{threads} cores x {mhz / 1e3:.2f} GHz (/proc/cpuinfo) x {per_cycle} fp32 FLOP/cycle ({why})"}
+
+
+def gemm_peak(threads: int, sizes: tuple[int, ...] = (2048, 3072), tries: int = 5) -> dict[str, Any]:
+    """Attainable fp32 FLOP rate: best of `tries` square GEMMs in torch (oneDNN/MKL) and ONNX Runtime (MLAS)."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    torch.set_num_threads(threads)
+    rates: dict[str, float] = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm",
+                                  [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
+                                  [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])],
+                                  [numpy_helper.from_array(b.numpy(), "B")])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
+                                    opts, providers=["CPUExecutionProvider"])
+        an = a.numpy()
+        for label, fn in (("torch", lambda: torch.mm(a, b)), ("onnxruntime", lambda: sess.run(None, {"A": an}))):
+            fn()
+            best = float("inf")
+            for _ in range(tries):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            rates[f"{label} {n}^3"] = 2.0 * n ** 3 / best / 1e9
+    top = max(rates, key=rates.get)
+    return {"gflop_per_s": rates[top], "best": top, "rates": rates, "threads": threads,
+            "basis": f"best of {tries} fp32 square GEMMs (n = {', '.join(map(str, sizes))}) in torch and ONNX Runtime"}
 
 
 def digits_pixels(preprocess_cfg: dict, split: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +253,7 @@ def zero_shot_keys(clip) -> np.ndarray:
 def run_keys(run_dir: Optional[str], model: str) -> Optional[np.ndarray]:
     if not run_dir:
         return None
-    from cgil.artifacts import load_tensors, read_json
+    from cgil.artifacts import load_tensors
     from cgil.runs import open_run
 
     config, state = open_run(Path(run_dir))
@@ -164,34 +262,56 @@ def run_keys(run_dir: Optional[str], model: str) -> Optional[np.ndarray]:
     return load_tensors(state / "head.safetensors")["keys"].float().numpy()
 
 
+GPU_ENGINES = ("torch cuda", "ORT CUDA fp32", "ORT CUDA int8", "TensorRT fp16")
+
+
 def bench_model(name: str, batches: list[int], engines: list[str], repeats: int, threads: int, workdir: Path,
-                calibration_images: int, run_dir: Optional[str], big_agreement_images: int = 200) -> list[dict[str, Any]]:
+                calibration_images: int, run_dir: Optional[str], big_agreement_images: int = 200, *,
+                peak: Optional[dict] = None, nominal: Optional[dict] = None, cell_seconds: float = float("inf"),
+                min_repeats: int = 3, skip: frozenset = frozenset(),
+                large_images: Optional[int] = None) -> list[dict[str, Any]]:
     import torch
 
-    from cgil.clip import create_clip
-    from export.onnx_export import ImageGraph, model_preprocess
+    from cgil.clip import create_clip, preprocess_config
+    from export.onnx_export import ImageGraph
     from export.quantize import top1_agreement
 
     torch.set_num_threads(threads)
     clip = create_clip(name, None, "cpu", 0)
-    cfg = model_preprocess(clip)
+    cfg = preprocess_config(clip)
     graph = ImageGraph(clip.model, cfg["mean"], cfg["std"]).eval()
+    gflop = flops_per_image(graph, tuple(cfg["size"])) / 1e9
+    if gflop > 50.0 and large_images:  # ViT-L-14: about a second per image on 2 cores
+        calibration_images, big_agreement_images = min(calibration_images, large_images), min(big_agreement_images, large_images)
     test, _ = digits_pixels(cfg, "test")
     calibration, _ = digits_pixels(cfg, "train", calibration_images)
-    case = ModelCase(name, clip, graph, cfg, workdir, calibration, threads, {})
-    gflop = flops_per_image(graph, tuple(cfg["size"])) / 1e9
+    case = ModelCase(name, clip, graph, cfg, workdir, calibration, threads, {}, gflop)
     fns = {e: fn for e in engines if (fn := ENGINES[e](case)) is not None}
     rows = []
     for batch in batches:
+        if (name, batch) in skip:
+            print(f"  {name} batch {batch}: skipped (--skip)", flush=True)
+            rows += [{"model": name, "batch": batch, "engine": e, "note": "skipped (too slow for this run)"} for e in fns]
+            continue
         pixels = np.ascontiguousarray(np.resize(test, (batch, *test.shape[1:])))
-        timings = time_interleaved(fns, pixels, warmup=3, repeats=repeats)
-        base = None
+        warmup = 3 if gflop * batch < 100 else 1  # ViT-L-14 batch 8 (1.2 TFLOP a call): one untimed round
+        timings = time_interleaved(fns, pixels, warmup=warmup, repeats=repeats, cell_seconds=cell_seconds,
+                                   min_repeats=min_repeats)
+        base = timings.get("torch eager", next(iter(timings.values())))["p50_ms"]
         for e, stats in timings.items():
-            base = base or stats["p50_ms"]
+            rate = gflop * batch / (stats["p50_ms"] / 1e3)
             rows.append({"model": name, "batch": batch, "engine": e, "p50_ms": stats["p50_ms"], "p95_ms": stats["p95_ms"],
-                         "ms_per_image": stats["p50_ms"] / batch, "speedup_vs_torch": base / stats["p50_ms"],
-                         "gflop_per_s": gflop * batch / (stats["p50_ms"] / 1e3), "runs": stats["runs"]})
-            print(f"  {name} batch {batch} {e}: {stats['p50_ms']:.2f} ms", flush=True)
+                         "p99_ms": stats["p99_ms"], "ms_per_image": stats["p50_ms"] / batch,
+                         "images_per_s": batch / (stats["p50_ms"] / 1e3), "speedup_vs_torch": base / stats["p50_ms"],
+                         "gflop_per_s": rate,
+                         "pct_of_gemm_peak": 100.0 * rate / peak["gflop_per_s"] if peak else None,
+                         "pct_of_nominal_peak": 100.0 * rate / nominal["gflop_per_s"] if nominal else None,
+                         "runs": stats["runs"], "warmup": warmup, "load_1min_after": round(os.getloadavg()[0], 2)})
+            print(f"  {name} batch {batch} {e}: {stats['p50_ms']:.2f} ms ({stats['runs']} runs)", flush=True)
+    for batch in batches:  # no GPU here: say so, never estimate
+        if not _gpu_available():
+            rows.append({"model": name, "batch": batch, "engine": "GPU (" + ", ".join(GPU_ENGINES) + ")",
+                         "note": "not measured (no GPU on this machine)"})
     # accuracy side of the trade: does int8 pick the same class as fp32 on the digits test split?
     keys = run_keys(run_dir, name)
     keys_from = "run head" if keys is not None else "zero-shot digit names"
@@ -202,21 +322,70 @@ def bench_model(name: str, batches: list[int], engines: list[str], repeats: int,
     if "ORT fp32" in fns and "ORT int8" in fns:
         chunks = lambda fn: np.concatenate([fn(test[i:i + 32]) for i in range(0, len(test), 32)])  # noqa: E731
         agreement = {"int8_top1_agreement_vs_fp32": top1_agreement(chunks(fns["ORT fp32"]), chunks(fns["ORT int8"]), keys),
-                     "agreement_images": len(test), "agreement_keys": keys_from}
+                     "agreement_images": len(test), "agreement_keys": keys_from,
+                     "calibration_images": len(calibration)}
     for r in rows:
         if r["model"] == name:
-            r.update({"gflop_per_image": gflop, **agreement})
+            r.update({"gflop_per_image": gflop, **(agreement if "p50_ms" in r else {})})
     return rows
+
+
+def _gpu_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _skip_cells(specs: list[str]) -> frozenset:
+    cells = set()
+    for spec in specs:
+        model, _, batch = spec.rpartition(":")
+        cells.add((model, int(batch)))
+    return frozenset(cells)
+
+
+def _notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    peak, nominal = meta["gemm_peak"], meta["nominal_peak"]
+    rates = ", ".join(f"{k}: {v:.1f}" for k, v in peak["rates"].items())
+    lines = ["", "## FLOP-rate limit", "",
+             f"- **Measured (the limit used for 'share of peak', column pct_of_gemm_peak)**: {peak['gflop_per_s']:.1f} "
+             f"GFLOP/s at {peak['threads']} thread(s), {peak['basis']}; best was {peak['best']}. All: {rates} GFLOP/s.",
+             f"- Nominal ISA peak (column pct_of_nominal_peak): {nominal.get('gflop_per_s', float('nan')):.1f} GFLOP/s = "
+             f"{nominal.get('basis', 'unknown')}. The VM reports its nominal clock; cores boost above it, so measured "
+             "GEMM rates can exceed this figure "
+             f"(the measured rate implies at least {peak['gflop_per_s'] / max(1, nominal.get('threads', 1)) / nominal.get('flop_per_cycle', 32):.2f} GHz "
+             "sustained). int8 rows count the same FLOPs: their share of the fp32 limit can pass 100%.",
+             "- FLOPs per image from torch FlopCounterMode on the unfused math path (attention included).",
+             "", "## Conditions", "",
+             f"- Threads: {meta['threads']} (torch.set_num_threads and ORT intra_op_num_threads; ORT threads do not spin).",
+             f"- Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in meta['load_average_at_start'])}, "
+             f"at end {tuple(round(x, 2) for x in meta['load_average_at_end'])}.",
+             f"- Up to {meta['repeats']} timed rounds per cell after warm-up (3 rounds, 1 for cells above 100 GFLOP a call), "
+             f"cut to what fits in {meta['cell_seconds']} s per cell and never below {meta['min_repeats']}: column runs.",
+             f"- 1-minute load average after each cell (JSON load_1min_after; this benchmark's own threads count, so "
+             f"about {meta['threads']} when alone): max "
+             f"{max((r['load_1min_after'] for r in rows if 'load_1min_after' in r), default=float('nan'))}.",
+             f"- Skipped cells: {meta['skip'] or 'none'}. GPU rows: not measured (no GPU on this machine).",
+             f"- Total time {meta['seconds']} s."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["cgil-tiny", "ViT-B-16"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--models", nargs="+", default=["cgil-tiny", "ViT-B-16", "ViT-L-14"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="Timed rounds per cell at most")
+    p.add_argument("--min-repeats", type=int, default=3, help="Timed rounds per cell at least")
+    p.add_argument("--cell-seconds", type=float, default=60.0, help="Time budget of a cell's timed rounds")
+    p.add_argument("--skip", nargs="*", default=[], metavar="MODEL:BATCH", help="Cells to leave out, e.g. ViT-L-14:32")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--calibration-images", type=int, default=256, help="int8 calibration images (digits train)")
+    p.add_argument("--large-images", type=int, default=64,
+                   help="int8 calibration and agreement images for models above 50 GFLOP/image (ViT-L-14)")
     p.add_argument("--big-agreement-images", type=int, default=200,
                    help="Test images for the int8 agreement of models above 1 GFLOP/image (the tiny model uses all)")
     p.add_argument("--run", default=None, help="Use this run's head for the agreement of its model")
@@ -224,20 +393,31 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = p.parse_args(argv)
     rows: list[dict[str, Any]] = []
     start, load_start = time.perf_counter(), os.getloadavg()  # other processes on a shared machine skew timings
+    peak, nominal = gemm_peak(args.threads), nominal_peak(args.threads)
+    print(f"fp32 GEMM limit {peak['gflop_per_s']:.1f} GFLOP/s ({peak['best']}); nominal {nominal.get('gflop_per_s')}",
+          flush=True)
+    skip = _skip_cells(args.skip)
     with tempfile.TemporaryDirectory(prefix="cgil-latency-") as tmp:
         for model in args.models:
             print(f"{model}:", flush=True)
             rows += bench_model(model, args.batches, args.engines, args.repeats, args.threads, Path(tmp),
-                                args.calibration_images, args.run, args.big_agreement_images)
-    columns = ["model", "batch", "engine", "p50_ms", "p95_ms", "ms_per_image", "speedup_vs_torch", "gflop_per_s",
-               "int8_top1_agreement_vs_fp32"]
+                                args.calibration_images, args.run, args.big_agreement_images, peak=peak, nominal=nominal,
+                                cell_seconds=args.cell_seconds, min_repeats=args.min_repeats, skip=skip,
+                                large_images=args.large_images)
+    columns = ["model", "batch", "engine", "p50_ms", "p95_ms", "p99_ms", "ms_per_image", "images_per_s",
+               "speedup_vs_torch", "gflop_per_s", "pct_of_gemm_peak", "pct_of_nominal_peak", "runs",
+               "int8_top1_agreement_vs_fp32", "note"]
     meta = {"command": "python -m benchmarks.latency " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "threads": args.threads, "repeats": args.repeats, "weights": "random (seed 0)",
-            "inputs": "digits test images resized to the model's size", "seconds": round(time.perf_counter() - start, 1),
+            "threads": args.threads, "repeats": args.repeats, "min_repeats": args.min_repeats,
+            "cell_seconds": args.cell_seconds, "skip": [f"{m}:{b}" for m, b in sorted(skip)],
+            "weights": "random (seed 0)", "inputs": "digits test images resized to the model's size",
+            "gemm_peak": peak, "nominal_peak": nominal, "seconds": round(time.perf_counter() - start, 1),
             "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}
     path = write_results("latency", rows, meta, Path(args.out) if args.out else None, columns)
+    md = path.with_suffix(".md")
+    md.write_text(md.read_text() + _notes(meta, rows))
     print(f"\nmachine: {machine()}\n")
-    print(markdown_table(rows, columns))
+    print(markdown_table(rows, columns) + _notes(meta, rows))
     print(f"results: {path}")
 
 
