@@ -19,8 +19,8 @@ import numpy as np
 
 from ..errors import CgilError
 from . import register_dataset
-from .base import ImageDataset, Split, fingerprint_files
-from .catalog import Benchmark, locate_root, missing_files, register_benchmark, require
+from .base import ImageDataset, Split
+from .catalog import Benchmark, benchmark_dataset, locate_root, register_benchmark, require
 
 BENCH = register_benchmark(Benchmark(
     name="cars196",
@@ -111,14 +111,5 @@ def load_cars196(data_dir: Optional[Path]) -> ImageDataset:
     else:
         names, splits, meta_files = _all_in_one_release(root)
         protocol = "official split (cars_annos.mat test flag)"
-    all_items = splits["train"][0] + splits["test"][0]
-    missing_files(BENCH, [Path(p) for p in all_items])
-    return ImageDataset(
-        name="cars196",
-        dataset_id=f"cars196:official-split-v1:{fingerprint_files(meta_files + [Path(p) for p in all_items], root)}",
-        classnames=names,
-        train=Split(*splits["train"]),
-        test=Split(*splits["test"]),
-        task_sizes=list(BENCH.task_sizes),
-        meta={"root": str(root), "protocol": protocol},
-    )
+    return benchmark_dataset(BENCH, root, "official-split-v1", names, Split(*splits["train"]), Split(*splits["test"]),
+                             index_files=meta_files, protocol=protocol)

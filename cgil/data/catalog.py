@@ -14,9 +14,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from ..errors import CgilError
+
+if TYPE_CHECKING:
+    from .base import ImageDataset, Split
 
 Expected = Union[int, dict[str, int], None]  # a split's total, or per-class counts, or unknown
 
@@ -81,6 +84,30 @@ def missing_files(bench: Benchmark, paths: Sequence[Path], what: str = "image") 
         shown = ", ".join(str(p) for p in gone[:3]) + (", ..." if len(gone) > 3 else "")
         raise CgilError(f"{bench.name}: incomplete copy, {len(gone)} of {len(paths)} {what} file(s) missing "
                         f"({shown}). {get_hint(bench)}")
+
+
+def benchmark_dataset(bench: Benchmark, root: Path, split_tag: str, classnames: Sequence[str], train: "Split",
+                      test: "Split", index_files: Sequence[Path] = (), fingerprint_root: Optional[Path] = None,
+                      check_files: bool = True, **meta: Any) -> "ImageDataset":
+    """A benchmark's ImageDataset: every image present, and an id that changes with the files (the cache key).
+
+    dataset_id = "<name>:<split tag>:<fingerprint of the index files and every image>".
+    """
+    from .base import ImageDataset, fingerprint_files
+
+    images = [Path(p) for p in list(train.items) + list(test.items)]
+    if check_files:
+        missing_files(bench, images)
+    fingerprint = fingerprint_files(list(index_files) + images, fingerprint_root or root)
+    return ImageDataset(
+        name=bench.name,
+        dataset_id=f"{bench.name}:{split_tag}:{fingerprint}",
+        classnames=list(classnames),
+        train=train,
+        test=test,
+        task_sizes=list(bench.task_sizes),
+        meta={"root": str(root), **meta},
+    )
 
 
 BENCHMARKS: dict[str, Benchmark] = {}

@@ -19,8 +19,8 @@ from typing import Optional
 
 from ..errors import CgilError
 from . import register_dataset
-from .base import ImageDataset, Split, fingerprint_files
-from .catalog import Benchmark, Download, locate_root, missing_files, register_benchmark, require
+from .base import ImageDataset, Split
+from .catalog import Benchmark, benchmark_dataset, Download, locate_root, register_benchmark, require
 
 BENCH = register_benchmark(Benchmark(
     name="cub200",
@@ -79,14 +79,5 @@ def load_cub200(data_dir: Optional[Path]) -> ImageDataset:
         items, labs = split["train" if flag == "1" else "test"]
         items.append(str(root / "images" / images[img_id]))
         labs.append(int(labels[img_id]) - 1)
-    all_items = split["train"][0] + split["test"][0]
-    missing_files(BENCH, [Path(p) for p in all_items])
-    return ImageDataset(
-        name="cub200",
-        dataset_id=f"cub200:official-split-v1:{fingerprint_files(paths + [Path(p) for p in all_items], root)}",
-        classnames=names,
-        train=Split(*split["train"]),
-        test=Split(*split["test"]),
-        task_sizes=list(BENCH.task_sizes),
-        meta={"root": str(root), "protocol": "official train_test_split.txt"},
-    )
+    return benchmark_dataset(BENCH, root, "official-split-v1", names, Split(*split["train"]), Split(*split["test"]),
+                             index_files=paths, protocol="official train_test_split.txt")

@@ -21,8 +21,8 @@ import numpy as np
 
 from ..errors import CgilError
 from . import register_dataset
-from .base import IMAGE_EXTENSIONS, ImageDataset, Split, fingerprint_files
-from .catalog import Benchmark, Download, locate_root, missing_files, register_benchmark
+from .base import IMAGE_EXTENSIONS, ImageDataset, Split
+from .catalog import Benchmark, benchmark_dataset, Download, locate_root, register_benchmark
 
 FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
            "Pasture", "PermanentCrop", "Residential", "River", "SeaLake"]
@@ -113,14 +113,6 @@ def load_eurosat_rgb(data_dir: Optional[Path]) -> ImageDataset:
     else:
         splits, split_tag = _fallback_split(root), f"fallback-seed{FALLBACK_SEED}"
         extra = []
-    all_items = splits["train"][0] + splits["test"][0]
-    missing_files(BENCH, [Path(p) for p in all_items])
-    return ImageDataset(
-        name="eurosat-rgb",
-        dataset_id=f"eurosat-rgb:{split_tag}:{fingerprint_files(extra + [Path(p) for p in all_items], root.parent)}",
-        classnames=list(NAMES),
-        train=Split(*splits["train"]),
-        test=Split(*splits["test"]),
-        task_sizes=list(BENCH.task_sizes),
-        meta={"root": str(root), "split": split_tag, "split_file": str(split_path) if split_path else None},
-    )
+    return benchmark_dataset(BENCH, root, split_tag, NAMES, Split(*splits["train"]), Split(*splits["test"]),
+                             index_files=extra, fingerprint_root=root.parent, split=split_tag,
+                             split_file=str(split_path) if split_path else None)

@@ -24,8 +24,8 @@ from typing import Optional
 
 from ..errors import CgilError
 from . import register_dataset
-from .base import IMAGE_EXTENSIONS, ImageDataset, Split, fingerprint_files
-from .catalog import Benchmark, Download, locate_root, missing_files, register_benchmark
+from .base import IMAGE_EXTENSIONS, ImageDataset, Split
+from .catalog import Benchmark, benchmark_dataset, Download, locate_root, missing_files, register_benchmark
 
 _HERE = Path(__file__).parent
 SPLIT_FILE = _HERE / "imagenet_r_test.txt"
@@ -91,12 +91,6 @@ def load_imagenet_r(data_dir: Optional[Path], test_list: Optional[list[str]] = N
     split_id = "ref-v1" if test_list is None else hashlib.sha256("\n".join(test_sorted).encode()).hexdigest()[:12]
     test_items = [str(root / e) for e in test_sorted]
     test_labels = [label_of[e.split("/", 1)[0]] for e in test_sorted]
-    return ImageDataset(
-        name="imagenet-r",
-        dataset_id=f"imagenet-r:split-{split_id}:{fingerprint_files(train_items + test_items, root)}",
-        classnames=list(names),
-        train=Split(train_items, train_labels),
-        test=Split(test_items, test_labels),
-        task_sizes=list(BENCH.task_sizes),
-        meta={"root": str(root), "protocol": "reference fixed 80/20 split", "wnids": list(wnids)},
-    )
+    return benchmark_dataset(BENCH, root, f"split-{split_id}", names, Split(train_items, train_labels),
+                             Split(test_items, test_labels), check_files=False,
+                             protocol="reference fixed 80/20 split", wnids=list(wnids))

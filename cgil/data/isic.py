@@ -29,8 +29,8 @@ from typing import Optional
 
 from ..errors import CgilError
 from . import register_dataset
-from .base import ImageDataset, Split, fingerprint_files
-from .catalog import Benchmark, Download, locate_root, missing_files, register_benchmark, require
+from .base import ImageDataset, Split
+from .catalog import Benchmark, benchmark_dataset, Download, locate_root, register_benchmark, require
 
 CODES = ["MEL", "BCC", "AKIEC", "BKL", "DF", "VASC"]  # kept, in label order
 DROPPED = ["NV"]
@@ -97,14 +97,6 @@ def load_isic(data_dir: Optional[Path]) -> ImageDataset:
                        ["isic", "ISIC2018"])
     tr_items, tr_labels, tr_gt = _read_split(root, "train")
     te_items, te_labels, te_gt = _read_split(root, "test")
-    all_items = [Path(p) for p in tr_items + te_items]
-    missing_files(BENCH, all_items)
-    return ImageDataset(
-        name="isic",
-        dataset_id=f"isic:2018-task3-no-nv-v1:{fingerprint_files([tr_gt, te_gt] + all_items, root)}",
-        classnames=list(NAMES),
-        train=Split(tr_items, tr_labels),
-        test=Split(te_items, te_labels),
-        task_sizes=list(BENCH.task_sizes),
-        meta={"root": str(root), "protocol": "ISIC 2018 Task 3 official train/test, NV dropped", "codes": CODES},
-    )
+    return benchmark_dataset(BENCH, root, "2018-task3-no-nv-v1", NAMES, Split(tr_items, tr_labels),
+                             Split(te_items, te_labels), index_files=[tr_gt, te_gt],
+                             protocol="ISIC 2018 Task 3 official train/test, NV dropped", codes=CODES)
