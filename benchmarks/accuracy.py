@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks.common import machine, markdown_table, write_results
+from benchmarks.common import add_threads_option, apply_threads, log, machine, markdown_table, write_results
 
 GENERATORS = ("vae", "mog", "gauss", "diffusion")
 BASELINES = ("zeroshot", "joint", "sequential")
@@ -92,8 +92,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1992)
     p.add_argument("--quick", action="store_true", help="tiny budgets (seconds): a smoke run, not a measurement")
     p.add_argument("--runs-dir", type=Path, default=None, help="keep the run directories here (default: temporary)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
+    add_threads_option(p)
     p.add_argument("--out-dir", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -106,9 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from cgil.train import run
 
     args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    apply_threads(args.threads)
     model = args.model or DEFAULT_MODEL
     plan = [("cgil", g) for g in args.generators] + [(b, None) for b in args.baselines]
     passes = args.passes or (2 if args.quick else None)

@@ -43,6 +43,25 @@ def machine_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48] + f"-{m['cores']}c"
 
 
+def add_threads_option(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
+
+
+def apply_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def log(message: str) -> None:
+    """Progress of a benchmark goes to stderr; its table goes to stdout."""
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
 def time_call(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20, min_seconds: float = 0.0) -> dict[str, float]:
     """Per-call wall times after warm-up: median and tail percentiles in milliseconds."""
     for _ in range(warmup):

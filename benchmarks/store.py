@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import add_threads_option, apply_threads, log, markdown_table, write_results
 
 MB = 1_000_000
 TARGET_BYTES = 1 * MB  # default generator's store per class at D = 768
@@ -183,8 +183,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="for mog and gauss, N extra runs with the fp32 store perturbed by random relative noise "
                         "of fp16's size: how much accuracy moves from any tiny change (default 3; 0 = none)")
     p.add_argument("--seed", type=int, default=1992)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
+    add_threads_option(p)
     p.add_argument("--out-dir", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -195,9 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from cgil.features import default_cache_dir
 
     args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    apply_threads(args.threads)
     variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
     base: dict[str, Any] = {"seed": args.seed}
     if args.model:

@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import add_threads_option, apply_threads, log, markdown_table, write_results
 
 REFERENCE_PASSES = 500
 REFERENCE_EPOCHS = 60  # alignment epochs of most reference presets
@@ -324,16 +324,14 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of a VAE fit")
     p.add_argument("--skip-align", action="store_true", help="generator fitting only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
+    add_threads_option(p)
     p.add_argument("--out-dir", type=Path, default=None, help="where results go (default benchmarks/results)")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     quick = args.quick
     dims = args.dims or ([512] if quick else [512, 768])
     seen = args.seen or ([3] if quick else [10, 50, 100, 200])
@@ -342,7 +340,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     passes = args.passes or (1 if quick else 2)
     em_steps = args.em_steps or (2 if quick else 10)
     full_max = max(seen) if quick else (50 if args.full else 10)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(args.seed)
 
     log(f"generator fitting: {k} new classes x {n} features, passes={passes}, em_steps={em_steps}")
