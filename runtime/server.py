@@ -18,19 +18,16 @@ No torch is imported here (with the onnxruntime / tensorrt backends).
 from __future__ import annotations
 
 import asyncio
-import collections
 import hmac
 import io
 import ipaddress
 import logging
 import math
 import os
-import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from fastapi import Query, Request
@@ -38,13 +35,12 @@ from pydantic import BaseModel
 
 from cgil.errors import CgilError
 
-from .bundle import Head
+from .batching import Batcher, HeadManager, QueueFull
+from .metrics import Metrics
 
 log = logging.getLogger("cgil.serve")
 
 ADMIN_TOKEN_ENV = "CGIL_ADMIN_TOKEN"
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-PATHS = ("/v1/classify", "/v1/classes", "/healthz", "/readyz", "/metrics", "/v1/admin/reload", "/openapi.json", "/docs")
 
 
 @dataclass
@@ -66,258 +62,6 @@ class ServeConfig:
         if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.max_body_bytes < 1:
             raise CgilError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0")
 
-
-class QueueFull(Exception):
-    pass
-
-
-# ---------------------------------------------------------------- metrics (Prometheus text format)
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.n = 0
-
-    def observe(self, v: float) -> None:
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
-        self.sum += v
-        self.n += 1
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        out, acc = [], 0
-        sep = "," if labels else ""
-        for b, c in zip(self.buckets, self.counts):
-            acc += c
-            out.append(f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {acc}')
-        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}')
-        lab = f"{{{labels}}}" if labels else ""
-        out += [f"{name}_sum{lab} {self.sum:.6f}", f"{name}_count{lab} {self.n}"]
-        return out
-
-
-class Metrics:
-    def __init__(self, max_batch: int):
-        self.lock = threading.Lock()
-        self.requests: collections.Counter = collections.Counter()  # (path, status) -> n
-        self.errors: collections.Counter = collections.Counter()  # kind -> n
-        self.latency = Histogram(LATENCY_BUCKETS)
-        sizes = tuple(sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_batch}))
-        self.batch_sizes = Histogram(tuple(float(s) for s in sizes))
-        self.images = 0
-        self.swaps = 0
-
-    def request(self, path: str, status: int, seconds: float) -> None:
-        path = path if path in PATHS else "other"  # bounded label values
-        with self.lock:
-            self.requests[(path, status)] += 1
-            if path == "/v1/classify":
-                self.latency.observe(seconds)
-            if status >= 400:
-                self.errors[str(status)] += 1
-
-    def batch(self, n: int) -> None:
-        with self.lock:
-            self.batch_sizes.observe(n)
-            self.images += n
-
-    def render(self, queue_depth: int, head_version: int, ready: bool) -> str:
-        with self.lock:
-            lines = ["# HELP cgil_requests_total HTTP requests by path and status.", "# TYPE cgil_requests_total counter"]
-            for (path, status), n in sorted(self.requests.items()):
-                lines.append(f'cgil_requests_total{{path="{path}",status="{status}"}} {n}')
-            lines += ["# HELP cgil_errors_total Responses with status >= 400, by status.", "# TYPE cgil_errors_total counter"]
-            for kind, n in sorted(self.errors.items()):
-                lines.append(f'cgil_errors_total{{status="{kind}"}} {n}')
-            lines += ["# HELP cgil_request_latency_seconds Latency of /v1/classify.",
-                      "# TYPE cgil_request_latency_seconds histogram"]
-            lines += self.latency.lines("cgil_request_latency_seconds")
-            lines += ["# HELP cgil_batch_size Images per engine call.", "# TYPE cgil_batch_size histogram"]
-            lines += self.batch_sizes.lines("cgil_batch_size")
-            lines += ["# HELP cgil_images_total Images classified.", "# TYPE cgil_images_total counter",
-                      f"cgil_images_total {self.images}",
-                      "# HELP cgil_queue_depth Images waiting for the engine.", "# TYPE cgil_queue_depth gauge",
-                      f"cgil_queue_depth {queue_depth}",
-                      "# HELP cgil_head_version Version of the head now serving.", "# TYPE cgil_head_version gauge",
-                      f"cgil_head_version {head_version}",
-                      "# HELP cgil_head_swaps_total Head hot swaps since start.", "# TYPE cgil_head_swaps_total counter",
-                      f"cgil_head_swaps_total {self.swaps}",
-                      "# HELP cgil_ready 1 when the engine is loaded.", "# TYPE cgil_ready gauge",
-                      f"cgil_ready {int(ready)}"]
-        return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- scoring and the batcher
-
-def score(head: Head, embeddings: np.ndarray, top_k: int, logit_scale: float) -> list[dict[str, Any]]:
-    """Top-k labels and softmax scores per embedding, against ONE head (the same maths as Classifier.classify)."""
-    if head.num_classes == 0:
-        raise CgilError(f"the head in {head.directory} has no classes")
-    sims = embeddings @ head.keys.T
-    logits = logit_scale * sims
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    k = max(1, min(int(top_k), head.num_classes))
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [{"labels": [head.class_names[j] for j in row], "scores": [float(probs[i, j]) for j in row]}
-            for i, row in enumerate(order)]
-
-
-@dataclass
-class Job:
-    pixels: np.ndarray  # (n, H, W, 3) uint8
-    top_k: int
-    future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.perf_counter)
-
-
-class Batcher:
-    """A bounded queue of jobs and one worker thread that runs them through the engine in batches."""
-
-    def __init__(self, classifier, max_batch: int, max_wait_ms: float, max_queue: int, metrics: Metrics):
-        self.classifier = classifier
-        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
-        self.metrics = metrics
-        self.jobs: collections.deque[Job] = collections.deque()
-        self.depth = 0  # images queued
-        self.cond = threading.Condition()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="cgil-batcher", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
-        self.thread.join(timeout=10)
-
-    def submit(self, pixels: np.ndarray, top_k: int) -> Future:
-        job = Job(pixels, top_k)
-        with self.cond:
-            if self.stopping:
-                raise QueueFull("server shutting down")
-            if self.depth + len(pixels) > self.max_queue:
-                raise QueueFull(f"queue full ({self.depth} of {self.max_queue} images waiting)")
-            self.jobs.append(job)
-            self.depth += len(pixels)
-            self.cond.notify()
-        return job
-
-    def _take(self) -> list[Job]:
-        with self.cond:
-            while not self.jobs and not self.stopping:
-                self.cond.wait()
-            if not self.jobs:
-                return []
-            batch = [self.jobs.popleft()]
-            n = len(batch[0].pixels)
-            deadline = batch[0].enqueued + self.max_wait
-            while n < self.max_batch:
-                if self.jobs:
-                    if n + len(self.jobs[0].pixels) > self.max_batch:
-                        break
-                    job = self.jobs.popleft()
-                    batch.append(job)
-                    n += len(job.pixels)
-                    continue
-                left = deadline - time.perf_counter()
-                if left <= 0 or self.stopping:
-                    break
-                self.cond.wait(left)
-            self.depth -= n
-            return batch
-
-    def _run(self) -> None:
-        while True:
-            batch = self._take()
-            if not batch:
-                return
-            try:
-                pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([j.pixels for j in batch])
-                emb = self.classifier.embed_pixels(pixels, batch_size=max(self.max_batch, len(pixels)))
-                head = self.classifier.head  # one snapshot scores the whole batch
-                self.metrics.batch(len(pixels))
-                start = 0
-                for job in batch:
-                    n = len(job.pixels)
-                    job.future.set_result((head.version, score(head, emb[start:start + n], job.top_k,
-                                                               self.classifier.logit_scale)))
-                    start += n
-            except BaseException as e:  # the engine failed: fail this batch's requests, keep serving
-                log.exception("engine call failed")
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-
-
-# ---------------------------------------------------------------- head watching and reload
-
-class HeadManager:
-    """Follows heads/CURRENT; every swap is verified before it happens and is one reference assignment."""
-
-    def __init__(self, classifier, metrics: Metrics, interval_s: float):
-        self.classifier, self.metrics, self.interval = classifier, metrics, interval_s
-        self.pointer = Path(classifier.bundle) / "heads" / "CURRENT"
-        self.seen = self._pointer()
-        self.lock = threading.Lock()
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._watch, name="cgil-head-watch", daemon=True)
-        self.last_error: Optional[str] = None
-
-    def _pointer(self) -> Optional[str]:
-        try:
-            return self.pointer.read_text().strip()
-        except OSError:
-            return None
-
-    def start(self) -> None:
-        if self.interval > 0:
-            self.thread.start()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout=5)
-
-    def reload(self, force: bool = False) -> dict[str, Any]:
-        with self.lock:
-            previous = self.classifier.head.version
-            name = self._pointer()
-            if not force and name == self.seen:
-                return {"version": previous, "previous": previous, "swapped": False}
-            try:
-                head = self.classifier.load_head()
-            except CgilError as e:
-                self.last_error = str(e)
-                log.error("head reload refused, still serving v%s: %s", previous, e)
-                raise
-            self.seen = name
-            self.last_error = None
-            swapped = head.version != previous
-            if swapped:
-                with self.metrics.lock:
-                    self.metrics.swaps += 1
-                log.info("head swapped: v%s -> v%s (%s)", previous, head.version, name)
-            return {"version": head.version, "previous": previous, "swapped": swapped, "directory": name}
-
-    def _watch(self) -> None:
-        while not self.stop_event.wait(self.interval):
-            if self._pointer() != self.seen:
-                try:
-                    self.reload()
-                except CgilError:  # logged; tried again only when the pointer moves again
-                    self.seen = self._pointer()
-
-
-# ---------------------------------------------------------------- the app
 
 class Result(BaseModel):
     labels: list[str]

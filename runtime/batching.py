@@ -1,0 +1,198 @@
+"""The two worker threads behind `cgil serve`: dynamic batching of engine calls, and head hot swap.
+
+Batcher: requests put pixels on a bounded queue and wait on a future; one thread takes everything queued
+up to max_batch images or until the oldest has waited max_wait_ms, runs ONE engine call and scores the
+batch with ONE head snapshot. HeadManager: polls heads/CURRENT (or is told to reload), verifies the new
+head off the request path and swaps it in with one reference assignment.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from cgil.errors import CgilError
+
+from .bundle import Head
+from .metrics import Metrics
+
+log = logging.getLogger("cgil.serve")
+
+
+class QueueFull(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- metrics (Prometheus text format)
+
+
+def score(head: Head, embeddings: np.ndarray, top_k: int, logit_scale: float) -> list[dict[str, Any]]:
+    """Top-k labels and softmax scores per embedding, against ONE head (the same maths as Classifier.classify)."""
+    if head.num_classes == 0:
+        raise CgilError(f"the head in {head.directory} has no classes")
+    sims = embeddings @ head.keys.T
+    logits = logit_scale * sims
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    k = max(1, min(int(top_k), head.num_classes))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [{"labels": [head.class_names[j] for j in row], "scores": [float(probs[i, j]) for j in row]}
+            for i, row in enumerate(order)]
+
+
+@dataclass
+class Job:
+    pixels: np.ndarray  # (n, H, W, 3) uint8
+    top_k: int
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """A bounded queue of jobs and one worker thread that runs them through the engine in batches."""
+
+    def __init__(self, classifier, max_batch: int, max_wait_ms: float, max_queue: int, metrics: Metrics):
+        self.classifier = classifier
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.metrics = metrics
+        self.jobs: collections.deque[Job] = collections.deque()
+        self.depth = 0  # images queued
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="cgil-batcher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join(timeout=10)
+
+    def submit(self, pixels: np.ndarray, top_k: int) -> Future:
+        job = Job(pixels, top_k)
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("server shutting down")
+            if self.depth + len(pixels) > self.max_queue:
+                raise QueueFull(f"queue full ({self.depth} of {self.max_queue} images waiting)")
+            self.jobs.append(job)
+            self.depth += len(pixels)
+            self.cond.notify()
+        return job
+
+    def _take(self) -> list[Job]:
+        with self.cond:
+            while not self.jobs and not self.stopping:
+                self.cond.wait()
+            if not self.jobs:
+                return []
+            batch = [self.jobs.popleft()]
+            n = len(batch[0].pixels)
+            deadline = batch[0].enqueued + self.max_wait
+            while n < self.max_batch:
+                if self.jobs:
+                    if n + len(self.jobs[0].pixels) > self.max_batch:
+                        break
+                    job = self.jobs.popleft()
+                    batch.append(job)
+                    n += len(job.pixels)
+                    continue
+                left = deadline - time.perf_counter()
+                if left <= 0 or self.stopping:
+                    break
+                self.cond.wait(left)
+            self.depth -= n
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                return
+            try:
+                pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([j.pixels for j in batch])
+                emb = self.classifier.embed_pixels(pixels, batch_size=max(self.max_batch, len(pixels)))
+                head = self.classifier.head  # one snapshot scores the whole batch
+                self.metrics.batch(len(pixels))
+                start = 0
+                for job in batch:
+                    n = len(job.pixels)
+                    job.future.set_result((head.version, score(head, emb[start:start + n], job.top_k,
+                                                               self.classifier.logit_scale)))
+                    start += n
+            except BaseException as e:  # the engine failed: fail this batch's requests, keep serving
+                log.exception("engine call failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+
+
+# ---------------------------------------------------------------- head watching and reload
+
+class HeadManager:
+    """Follows heads/CURRENT; every swap is verified before it happens and is one reference assignment."""
+
+    def __init__(self, classifier, metrics: Metrics, interval_s: float):
+        self.classifier, self.metrics, self.interval = classifier, metrics, interval_s
+        self.pointer = Path(classifier.bundle) / "heads" / "CURRENT"
+        self.seen = self._pointer()
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="cgil-head-watch", daemon=True)
+        self.last_error: Optional[str] = None
+
+    def _pointer(self) -> Optional[str]:
+        try:
+            return self.pointer.read_text().strip()
+        except OSError:
+            return None
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+
+    def reload(self, force: bool = False) -> dict[str, Any]:
+        with self.lock:
+            previous = self.classifier.head.version
+            name = self._pointer()
+            if not force and name == self.seen:
+                return {"version": previous, "previous": previous, "swapped": False}
+            try:
+                head = self.classifier.load_head()
+            except CgilError as e:
+                self.last_error = str(e)
+                log.error("head reload refused, still serving v%s: %s", previous, e)
+                raise
+            self.seen = name
+            self.last_error = None
+            swapped = head.version != previous
+            if swapped:
+                with self.metrics.lock:
+                    self.metrics.swaps += 1
+                log.info("head swapped: v%s -> v%s (%s)", previous, head.version, name)
+            return {"version": head.version, "previous": previous, "swapped": swapped, "directory": name}
+
+    def _watch(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            if self._pointer() != self.seen:
+                try:
+                    self.reload()
+                except CgilError:  # logged; tried again only when the pointer moves again
+                    self.seen = self._pointer()
+
+
+# ---------------------------------------------------------------- the app
