@@ -11,6 +11,17 @@ os.environ.setdefault("CGIL_CACHE", tempfile.mkdtemp(prefix="cgil-test-cache-"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# Prelude for subprocess scripts that must run where `import torch` fails (the torch-free paths).
+BLOCK_TORCH = """
+import sys
+class BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, BlockTorch())
+"""
+
+
 def tiny_config(**overrides):
     """The digits benchmark with small budgets: seconds, yet learning visibly."""
     from cgil.config import TrainConfig

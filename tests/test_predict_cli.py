@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from test_export import fp32_bundle  # noqa: F401  (shared session fixture)
+from conftest import BLOCK_TORCH
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +90,7 @@ def test_cgil_predict_runs_where_torch_cannot_be_imported(fp32_bundle, image_dir
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    script = f"""
-import sys
-class BlockTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, BlockTorch())
+    script = BLOCK_TORCH + f"""
 sys.path.insert(0, {str(root)!r})
 from cli import app
 app(["predict", {str(fp32_bundle)!r}, {str(image_dir / "gray16.png")!r}, "--json"])

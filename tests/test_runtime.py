@@ -14,6 +14,7 @@ from PIL import Image
 
 from cgil.errors import CgilError
 from test_export import fp32_bundle, int8_bundle, test_images, tiny_clip  # noqa: F401  (shared session fixtures)
+from conftest import BLOCK_TORCH
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,13 +151,7 @@ def test_onnxruntime_backend_never_imports_torch(fp32_bundle, int8_bundle, tmp_p
     from PIL import Image
 
     Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(tmp_path / "x.png")
-    script = f"""
-import sys
-class BlockTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, BlockTorch())
+    script = BLOCK_TORCH + f"""
 sys.path.insert(0, {str(ROOT)!r})
 from runtime import Classifier
 import runtime.commands  # the predict command module too
