@@ -1,4 +1,9 @@
-"""The `cgil` command line. Each command is a thin shell over one library entry point."""
+"""The `cgil` command line: the composition root. Each command is a thin shell over one library entry point.
+
+Commands owned by a package live in its `commands.py` and import the shared console and error exit
+from runtime.console, never this module; cli.py only creates the app and registers them. Nothing in
+cgil/, export/ or runtime/ imports it.
+"""
 from __future__ import annotations
 
 import sys
@@ -8,34 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from cgil.errors import CgilError
+from runtime.console import console, guarded
+from runtime.errors import CgilError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual learning for a frozen CLIP (CGIL): train, export, serve, update.")
-console = Console()
-if not console.is_terminal:  # logs and pipes: wide enough that result tables are never truncated
-    console = Console(width=120)
-
-
-def fail(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def guarded(fn):
-    """Turn CgilError into a one-line message and exit code 2 instead of a traceback."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CgilError as e:
-            fail(str(e))
-
-    return wrapper
 
 
 @app.command()
@@ -127,19 +110,30 @@ def info(run_dir: Path = typer.Argument(..., help="A run directory written by cg
     console.print_json(data=run_info(run_dir))
 
 
-# Commands owned by other packages register themselves: `register(app)` in each module below.
+# Commands owned by other packages: `register(app)` in each module below (a package that is not
+# installed, e.g. the learner on a torch-free device, contributes none).
 _COMMAND_MODULES = (
     "cgil.data.commands", "export.commands", "runtime.commands", "runtime.serve_commands", "benchmarks.commands",
 )
+
+
+def _torch_backend(bundle, manifest):
+    """`--backend torch` for predict/serve: export's PyTorch cross-check, imported only when chosen."""
+    from export.torch_backend import torch_backend
+
+    return torch_backend(bundle, manifest)
 
 
 def _register_commands() -> None:
     import importlib
     import importlib.util
 
+    from runtime.backends import register_backend
+
     for name in _COMMAND_MODULES:
         if importlib.util.find_spec(name.rsplit(".", 1)[0]) and importlib.util.find_spec(name):
             importlib.import_module(name).register(app)
+    register_backend("torch", _torch_backend)
 
 
 _register_commands()

@@ -11,6 +11,8 @@ import importlib.util
 
 import typer
 
+from runtime.console import guarded
+
 BENCHMARKS = {
     "latency": "image-path latency: torch eager vs ONNX Runtime fp32 vs int8, GFLOP/s",
     "update": "cost of one task update as seen classes grow (generators, alignment, text path)",
@@ -26,13 +28,7 @@ def available() -> list[str]:
 
 
 def run_benchmark(name: str, argv: list[str]) -> None:
-    from cgil.errors import CgilError
-
-    try:
-        importlib.import_module(f"benchmarks.{name}").main(list(argv))
-    except CgilError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    guarded(importlib.import_module(f"benchmarks.{name}").main)(list(argv))
 
 
 def _command(name: str):

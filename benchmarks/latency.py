@@ -253,7 +253,7 @@ def zero_shot_keys(clip) -> np.ndarray:
 def run_keys(run_dir: Optional[str], model: str) -> Optional[np.ndarray]:
     if not run_dir:
         return None
-    from cgil.artifacts import load_tensors
+    from cgil.tensor_io import load_tensors
     from cgil.runs import open_run
 
     config, state = open_run(Path(run_dir))

@@ -192,7 +192,7 @@ class Swapper(threading.Thread):
         self.swaps = 0
 
     def run(self) -> None:
-        from cgil.update import add_zero_shot, rollback
+        from runtime.heads import add_zero_shot, rollback
 
         k = 0
         while not self.stop.wait(self.interval):
@@ -258,7 +258,7 @@ def timed_update(bundle: Path, data: Path, *args: str) -> dict[str, Any]:
 
 def fp16_effect(base: Path, work: Path, seeds: Sequence[int], epochs: int, passes: int) -> list[dict[str, Any]]:
     """The same update (same seed) with the store kept in fp32 and in fp16: accuracy and bytes, per seed."""
-    from cgil.update import store_info
+    from runtime.store_info import store_info
 
     data, tests = new_class_data(work), test_folder(work)
     rows = []
@@ -330,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             update_rows.append(row)
             print(f"[{gen}/{precision}] update {r['wall_s']:.1f}s {r['timings']} acc {acc_all:.1f}% (new {acc_new:.1f}%)",
                   flush=True)
-            from cgil.update import store_info
+            from runtime.store_info import store_info
 
             info = store_info(b)
             new = [c for c in info["classes"] if c["class"] in ("eight", "nine")]

@@ -3,7 +3,7 @@
 Entry points: `cgil.train.run` (a benchmark run), `cgil.learner.Learner` (one task update),
 `cgil.clip.create_clip` (the frozen model), `cgil.data.get_dataset` (datasets).
 """
-from .errors import CgilError
+from runtime.errors import CgilError
 
 __version__ = "0.1.0"
 __all__ = ["CgilError", "__version__"]

@@ -9,43 +9,21 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import open_clip
 import torch
 
-from .errors import CgilError
+from runtime.artifacts import sha256_file
+from runtime.errors import CgilError
+from runtime.identity import ModelIdentity
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)  # our shipped architectures (e.g. cgil-tiny) become open_clip names
 
 DEFAULT_MODEL = "cgil-tiny"
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What makes two CLIP image/text embeddings comparable."""
-
-    model: str
-    pretrained: Optional[str]  # open_clip tag, a checkpoint path, or None for seeded random weights
-    weights_id: str  # "random:seed=S", "tag:<tag>" or "sha256:<hex of checkpoint file>"
-    config_sha: str  # sha256 of the architecture JSON: an edited config is another model
-    embed_dim: int
-    image_size: int
-    context_length: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelIdentity":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
-
-    def same_weights(self, other: "ModelIdentity") -> bool:
-        return (self.model, self.weights_id, self.config_sha) == (other.model, other.weights_id, other.config_sha)
 
 
 @dataclass
@@ -66,14 +44,6 @@ class FrozenClip:
         return self.model.encode_image(pixels.to(self.device)).float()
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def valid_models() -> list[str]:
     return open_clip.list_models()
 
@@ -82,7 +52,7 @@ def _resolve_weights(model: str, pretrained: Optional[str], seed: int) -> str:
     if pretrained is None or pretrained in ("", "none", "random"):
         return f"random:seed={seed}"
     if Path(pretrained).is_file():
-        return "sha256:" + file_sha256(pretrained)
+        return "sha256:" + sha256_file(pretrained)
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
         hint = ", ".join(tags) if tags else "none for this architecture"

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from .clip import DEFAULT_MODEL
-from .errors import CgilError
+from runtime.errors import CgilError
 from .generators import GeneratorConfig
 from .learner import AlignConfig
 

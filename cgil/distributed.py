@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import CgilError
+from runtime.errors import CgilError
 
 
 def env_world_size() -> int:

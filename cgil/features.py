@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .artifacts import load_tensors, save_tensors
+from cgil.tensor_io import load_tensors, save_tensors
 from .clip import FrozenClip
 from .data import ImageDataset, load_image
 

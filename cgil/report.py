@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 
 from rich.table import Table
 
-from .artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from runtime.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SUMMARY_KEYS = [
     ("final_avg_acc", "final avg"),

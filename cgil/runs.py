@@ -6,11 +6,13 @@ from typing import Any, Optional
 
 import torch
 
-from .artifacts import load_tensors, read_json, verify_manifest
+from runtime.artifacts import read_json, verify_manifest
+
+from cgil.tensor_io import load_tensors
 from .clip import create_clip
 from .config import TrainConfig
 from .data import get_dataset
-from .errors import CgilError
+from runtime.errors import CgilError
 from .features import default_cache_dir, task_features
 from .state import check_identity, state_dir
 from .text import normalize

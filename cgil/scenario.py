@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import CgilError
+from runtime.errors import CgilError
 
 
 def class_order(num_classes: int, seed: Optional[int]) -> list[int]:

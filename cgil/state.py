@@ -10,18 +10,24 @@ from typing import Any, Optional
 
 import torch
 
-from .artifacts import current_dir, load_tensors, publish_version, read_json, save_tensors, atomic_write_json, verify_manifest
-from .clip import FrozenClip, ModelIdentity
-from .errors import CgilError
+from runtime.artifacts import atomic_write_json, current_dir, publish_version, read_json, verify_manifest
+from runtime.errors import CgilError
+from runtime.format import POINTER, PROGRESS, PROMPTS_META, PROMPTS_TENSORS, STATE_KIND, STORE_META, STORE_TENSORS
+from runtime.heads import write_head_files
+from runtime.identity import ModelIdentity
+
+from .clip import FrozenClip
 from .generators import GeneratorConfig
 from .learner import AlignConfig, Learner
-
-STATE_KIND = "cgil-learner-state"
+from .tensor_io import load_tensors, save_tensors
 
 
 def head_payload(learner: Learner, future_ids: list[int], future_names: list[str], zero_shot_future: torch.Tensor,
                  version: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The deployable classifier: normalised keys of learned classes (+ zero-shot keys of known future names)."""
+    """The deployable classifier: normalised keys of learned classes (+ zero-shot keys of known future names).
+
+    Written by runtime.heads.write_head_files, the one writer of head files for runs and bundles alike.
+    """
     tensors = {"keys": learner.head().float().cpu()}
     if future_ids:
         tensors["future_keys"] = torch.nn.functional.normalize(zero_shot_future.float().cpu(), dim=-1)
@@ -43,13 +49,13 @@ def save_state(run_dir: Path, learner: Learner, task: int, progress: dict[str, A
     store_meta = {"generator": learner.gen_cfg.to_dict(), "groups": store_index}
 
     def write(d: Path) -> None:
-        save_tensors(d / "prompts.safetensors", prompt_tensors)
-        atomic_write_json(d / "prompts.json", prompts_meta)
-        save_tensors(d / "store.safetensors", store_tensors)
-        atomic_write_json(d / "store.json", store_meta)
-        save_tensors(d / "head.safetensors", head[0])
-        atomic_write_json(d / "head.json", head[1])
-        atomic_write_json(d / "progress.json", {"finished_task": task, **progress})
+        save_tensors(d / PROMPTS_TENSORS, prompt_tensors)
+        atomic_write_json(d / PROMPTS_META, prompts_meta)
+        save_tensors(d / STORE_TENSORS, store_tensors)
+        atomic_write_json(d / STORE_META, store_meta)
+        keys, meta = head
+        write_head_files(d, keys["keys"].numpy(), keys["future_keys"].numpy() if "future_keys" in keys else None, meta)
+        atomic_write_json(d / PROGRESS, {"finished_task": task, **progress})
 
     return publish_version(Path(run_dir) / "state", f"task-{task:03d}", write, kind=STATE_KIND,
                            extra={"model": learner.clip.identity.to_dict()})
@@ -57,11 +63,11 @@ def save_state(run_dir: Path, learner: Learner, task: int, progress: dict[str, A
 
 def state_dir(run_dir: Path) -> Optional[Path]:
     root = Path(run_dir) / "state"
-    return current_dir(root) if (root / "CURRENT").exists() else None
+    return current_dir(root) if (root / POINTER).exists() else None
 
 
 def check_identity(saved: dict, clip: FrozenClip, where: Path) -> None:
-    other = ModelIdentity.from_dict(saved)
+    other = ModelIdentity.from_dict(saved, str(where))
     if not other.same_weights(clip.identity):
         raise CgilError(
             f"{where} was made with {other.model} ({other.weights_id}); the loaded model is "
@@ -74,15 +80,15 @@ def load_learner(directory: Path, clip: FrozenClip, align_cfg: Optional[AlignCon
     directory = Path(directory)
     manifest = verify_manifest(directory)
     check_identity(manifest["model"], clip, directory)
-    prompts_meta = read_json(directory / "prompts.json")
-    store_meta = read_json(directory / "store.json")
+    prompts_meta = read_json(directory / PROMPTS_META)
+    store_meta = read_json(directory / STORE_META)
     learner = Learner(clip, GeneratorConfig.from_dict(store_meta["generator"]), align_cfg or AlignConfig(),
                       n_ctx=prompts_meta["n_ctx"])
-    prompt_state = load_tensors(directory / "prompts.safetensors")
+    prompt_state = load_tensors(directory / PROMPTS_TENSORS)
     learner.prompts.load_learned_state({k: v.to(clip.device) for k, v in prompt_state.items()},
                                        prompts_meta["class_ids"], prompts_meta["class_names"])
-    learner.load_store(load_tensors(directory / "store.safetensors"), store_meta["groups"])
-    progress = read_json(directory / "progress.json") if (directory / "progress.json").exists() else {}
+    learner.load_store(load_tensors(directory / STORE_TENSORS), store_meta["groups"])
+    progress = read_json(directory / PROGRESS) if (directory / PROGRESS).exists() else {}
     return learner, progress
 
 

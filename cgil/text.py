@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CgilError
+from runtime.errors import CgilError
 
 
 @dataclass

@@ -15,11 +15,11 @@ from typing import Any, Optional
 import torch
 
 from . import distributed
-from .artifacts import atomic_write_json, read_json
+from runtime.artifacts import atomic_write_json, read_json
 from .clip import FrozenClip, create_clip
 from .config import METHODS, TrainConfig, differences
 from .data import ImageDataset, get_dataset
-from .errors import CgilError
+from runtime.errors import CgilError
 from .evaluate import score_step
 from .features import default_cache_dir, task_features
 from .generators import generator_class

@@ -15,15 +15,18 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from cgil.artifacts import atomic_write_json, load_tensors, publish_version, read_json, save_tensors, verify_manifest
 from cgil.clip import FrozenClip, create_clip, preprocess_config
 from cgil.config import TrainConfig
 from cgil.data import get_dataset, load_image
-from cgil.errors import CgilError
 from cgil.runs import open_run
 from cgil.state import check_identity, load_learner
-from cgil.artifacts import SCHEMA_VERSION, sha256_file
-from runtime.bundle import BUNDLE_KIND, HEAD_KIND, HEADS_DIR, MANIFEST, load_head, open_bundle
+from cgil.tensor_io import load_tensors, save_tensors
+from runtime.artifacts import atomic_write_json, publish_version, read_json, sha256_file, verify_manifest
+from runtime.bundle import load_head, open_bundle
+from runtime.errors import CgilError
+from runtime.format import (BUNDLE_KIND, HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, IMAGE_ONNX, MANIFEST,
+                            PROMPT_CONTEXT, PROMPTS_META, PROMPTS_TENSORS, SCHEMA_VERSION, STORE_META, STORE_TENSORS,
+                            TEXT_PROMPTED_ONNX, TEXT_ZERO_SHOT_ONNX, TOKENIZER_DIR, version_name)
 from runtime.preprocess import Preprocess
 
 from . import onnx_export as ox
@@ -34,7 +37,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # Least top-1 agreement with the fp32 graph on the test split before a reduced-precision export is refused.
 MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.99, "int8": 0.95}
 CHECK_IMAGES = 1024  # at most this many test images for the checks, calibration likewise from train
-HEAD_FILES = ("head.safetensors", "head.json", "store.safetensors", "store.json", "prompts.safetensors", "prompts.json")
+HEAD_FILES = (HEAD_TENSORS, HEAD_META, STORE_TENSORS, STORE_META, PROMPTS_TENSORS, PROMPTS_META)
 TEMPLATE = "a photo of a {}"  # = cgil.text.TextEncoder.zero_shot's default
 
 
@@ -90,7 +93,7 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
     if out.exists() and any(out.iterdir()) and not force:
         raise CgilError(f"{out} exists and is not empty; pass --force to replace it")
     if format == "tensorrt":
-        from .tensorrt import require_tensorrt
+        from runtime.tensorrt_build import require_tensorrt
 
         require_tensorrt()  # fail before minutes of export work, not after
 
@@ -156,10 +159,10 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
             fp32_path.unlink()
 
         text = _export_text(clip, learner, tmp, checks, report) if text else None
-        engine: dict[str, Any] = {"image": "image.onnx"}
+        engine: dict[str, Any] = {"image": IMAGE_ONNX}
         h, w = preprocess["size"]
         if format == "tensorrt":
-            from .tensorrt import build_engine
+            from runtime.tensorrt_build import build_engine
 
             report(f"  building a TensorRT {precision} engine (batch 1..{max_batch})")
             plan, key = build_engine(image_path, precision, (h, w), max_batch)
@@ -218,10 +221,10 @@ def _export_text(clip: FrozenClip, learner, tmp: Path, checks: dict, report) -> 
         checks.update(_text_graphs(clip, learner, tmp, tok["eot"], "dynamo"))
     report(f"  text graphs: min cosine vs PyTorch {checks['text_zero_shot']['min_cosine_vs_torch']:.6f} (zero-shot), "
            f"{checks.get('text_prompted', {}).get('min_cosine_vs_torch', float('nan')):.6f} (prompted)")
-    vocab = tmp / "tokenizer" / Path(tok["source"]).name
+    vocab = tmp / TOKENIZER_DIR / Path(tok["source"]).name
     vocab.parent.mkdir()
     shutil.copyfile(tok["source"], vocab)
-    return {"zero_shot": "text_zero_shot.onnx", "prompted": "text_prompted.onnx", "template": TEMPLATE,
+    return {"zero_shot": TEXT_ZERO_SHOT_ONNX, "prompted": TEXT_PROMPTED_ONNX, "template": TEMPLATE,
             "tokenizer": {"kind": "clip-bpe", "vocab": str(vocab.relative_to(tmp)), "context_length": tok["context_length"],
                           "sot": tok["sot"], "eot": tok["eot"]}}
 
@@ -233,9 +236,9 @@ def _text_graphs(clip: FrozenClip, learner, tmp: Path, eot: int, exporter: str) 
     context = ox.prompt_context(learner)
     tokens = prompts.tokens.cpu()
     ox.export_text(clip, eot, tokens if len(tokens) else clip.tokenizer(["X X object."]), context if len(context) else
-                   torch.zeros(1, prompts.n_ctx + 1, prompts.text.tower.width), tmp / "text_zero_shot.onnx",
-                   tmp / "text_prompted.onnx", exporter=exporter)
-    zs_session, pr_session = ox.ort_session(tmp / "text_zero_shot.onnx"), ox.ort_session(tmp / "text_prompted.onnx")
+                   torch.zeros(1, prompts.n_ctx + 1, prompts.text.tower.width), tmp / TEXT_ZERO_SHOT_ONNX,
+                   tmp / TEXT_PROMPTED_ONNX, exporter=exporter)
+    zs_session, pr_session = ox.ort_session(tmp / TEXT_ZERO_SHOT_ONNX), ox.ort_session(tmp / TEXT_PROMPTED_ONNX)
     probe = names + ["a much longer class name, to run the graph at an untraced length"]
     zs_tokens = ox.truncate_tokens(clip.tokenizer([TEMPLATE.format(n) for n in probe]), eot)
     zs = zs_session.run(None, {ox.TOKENS: zs_tokens.numpy()})[0]
@@ -260,10 +263,10 @@ def _publish_head(state: Path, learner, tmp: Path, clip: FrozenClip) -> Path:
         for name in HEAD_FILES:
             if (state / name).exists():
                 shutil.copyfile(state / name, d / name)
-        save_tensors(d / "prompt_context.safetensors",
+        save_tensors(d / PROMPT_CONTEXT,
                      {"context": ox.prompt_context(learner), "tokens": learner.prompts.tokens.cpu()})
 
-    return publish_version(tmp / HEADS_DIR, f"head-{int(meta['head_version']):04d}", write, kind=HEAD_KIND,
+    return publish_version(tmp / HEADS_DIR, version_name(int(meta["head_version"])), write, kind=HEAD_KIND,
                            extra={"model": clip.identity.to_dict()})
 
 

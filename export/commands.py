@@ -1,15 +1,19 @@
-"""`cgil export`: registered on the main Typer app by cli.py."""
+"""`cgil export` and `cgil update`: registered on the main Typer app by cli.py.
+
+`cgil update --zero-shot/--rollback` runs runtime code only (no torch); `--data` imports the learner.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
+from runtime.console import console, fail, guarded
+
 
 def register(app: typer.Typer) -> None:
-    from cli import console, guarded
-
     @app.command("export")
     @guarded
     def export_command(
@@ -31,3 +35,56 @@ def register(app: typer.Typer) -> None:
         for name, check in manifest["checks"].items():
             console.print(f"check {name}: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
                                                         for k, v in check.items()), highlight=False)
+
+    @app.command("update")
+    @guarded
+    def update_command(
+        bundle: Path = typer.Argument(..., help="A bundle written by cgil export"),
+        data: Optional[Path] = typer.Option(None, "--data", help="One folder of images per new class (DIR/<class>/*)"),
+        zero_shot: List[str] = typer.Option([], "--zero-shot", help="Add a class by name alone (repeatable; no torch)"),
+        rollback: bool = typer.Option(False, "--rollback", help="Point the bundle back at its previous head version"),
+        epochs: Optional[int] = typer.Option(None, help="Alignment epochs (default: the head's recorded setting, else 60)"),
+        lr: Optional[float] = typer.Option(None, help="Alignment learning rate (default: recorded, else 0.03)"),
+        passes: Optional[int] = typer.Option(None, help="Generator passes over each new class's features (default: the store's)"),
+        seed: int = typer.Option(1992, help="Seed of the new prompts, generators and alignment"),
+        store_precision: str = typer.Option("fp32", "--store-precision", help="fp32 | fp16: how the replay store is written"),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+    ):
+        """Learn new classes on the device and publish them as a new head version (atomic).
+
+        --data DIR: embeds the images with the bundle's own image engine, fits generators for the new
+        classes and realigns ALL prompts on replay from the bundle's generator store. This step NEEDS
+        TORCH (and open_clip) to run the text tower; serving does not.
+
+        --zero-shot NAME: adds a class by name only, with its zero-shot key from the bundle's text ONNX
+        graph (no torch); a later --data update of that name replaces it with a learned prompt.
+
+        --rollback: returns to the previous version.
+
+        A running `cgil serve` swaps to the new head by itself. Class names must be new (except a
+        zero-shot class learned from images).
+        """
+        from runtime.heads import add_zero_shot, rollback as do_rollback
+
+        chosen = sum([bool(data), bool(zero_shot), rollback])
+        if chosen != 1:
+            fail("give exactly one of --data DIR, --zero-shot NAME or --rollback")
+        if rollback:
+            old, new = do_rollback(bundle)
+            result = {"rolled_back_from": old, "current": new}
+        elif zero_shot:
+            result = add_zero_shot(bundle, zero_shot)
+        else:
+            from .update import update_from_images
+
+            result = update_from_images(bundle, data, epochs=epochs, lr=lr, passes=passes, seed=seed,
+                                        store_precision=store_precision,
+                                        report=lambda s: typer.echo(s, err=as_json) if as_json else console.print(s, highlight=False))
+        if as_json:
+            typer.echo(json.dumps(result))
+        elif rollback:
+            console.print(f"rolled back: {result['rolled_back_from']} -> {result['current']}")
+        else:
+            console.print(f"published head v{result['version']} ({result['directory']}): added {', '.join(result['added'])}")
+            if "timings" in result:
+                console.print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["timings"].items()))

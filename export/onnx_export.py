@@ -29,13 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cgil.clip import FrozenClip
-from cgil.errors import CgilError
+from runtime.errors import CgilError
 from cgil.text import TextTower
+from runtime.format import CONTEXT, IMAGE_INPUT, IMAGE_OUTPUT, KEY_OUTPUT, TEXT_OUTPUT, TOKENS  # noqa: F401
 
 OPSET = 18
-IMAGE_INPUT, IMAGE_OUTPUT = "pixels", "image_embedding"
-TOKENS, CONTEXT = "tokens", "context"
-TEXT_OUTPUT, KEY_OUTPUT = "text_embedding", "key"  # not "embedding": the exporter uses that name inside
 MIN_COSINE = 0.9999
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from cgil.errors import CgilError
+from runtime.errors import CgilError
 
 from .onnx_export import IMAGE_INPUT, check_onnx
 

@@ -1,18 +1,23 @@
 """Image-path backends: uint8 NHWC pixels in, L2-normalised float32 embeddings out.
 
-`onnxruntime` and `tensorrt` never import torch (edge devices often cannot install it); `torch`
-rebuilds the model from the bundle's identity and exists to cross-check the other two.
+`onnxruntime` and `tensorrt` live here and never import torch (edge devices often cannot install
+it). Other backends are plugged in from above with `register_backend` (the CLI registers the torch
+cross-check backend of export/), or passed to `Classifier` as an instance: the runtime imports
+nothing of the learner.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
-from cgil.errors import CgilError
+from .errors import CgilError
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+if TYPE_CHECKING:
+    from .bundle import BundleManifest
+
+BUILTIN_BACKENDS = ("auto", "onnxruntime", "tensorrt")
 # Fastest first; ONNX Runtime falls back down this list for the nodes a provider cannot run.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -63,39 +68,11 @@ class OnnxRuntimeImage:
         return self.session.run([self.output_name], {self.input_name: pixels})[0].astype(np.float32, copy=False)
 
 
-class TorchImage:
-    """The same graph in PyTorch eager, rebuilt from the bundle's model identity (needs cgil + torch)."""
-
-    name = "torch"
-
-    def __init__(self, manifest: dict[str, Any]):
-        import torch
-
-        from cgil.clip import create_clip
-        from export.onnx_export import ImageGraph
-
-        ident = manifest["model"]
-        weights = ident.get("weights_id", "")
-        seed = int(weights.split("seed=")[1]) if weights.startswith("random:seed=") else 0
-        clip = create_clip(ident["model"], ident.get("pretrained"), "cpu", seed)
-        if (clip.identity.weights_id, clip.identity.config_sha) != (weights, ident.get("config_sha")):
-            raise CgilError(f"the torch backend rebuilt {clip.identity.model} ({clip.identity.weights_id}), "
-                            f"not the bundle's {ident['model']} ({weights})")
-        pre = manifest["preprocess"]
-        self._torch = torch
-        self.graph = ImageGraph(clip.model, pre["mean"], pre["std"]).eval()
-        self.providers = ["torch-cpu"]
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            return self.graph(self._torch.from_numpy(np.ascontiguousarray(pixels))).numpy()
-
-
 def tensorrt_usable() -> bool:
     try:
         import tensorrt  # noqa: F401
 
-        from export.tensorrt import import_cudart
+        from .tensorrt_build import import_cudart
 
         cudart = import_cudart()
     except ImportError:
@@ -104,17 +81,42 @@ def tensorrt_usable() -> bool:
     return int(err) == 0 and count > 0
 
 
-def make_backend(name: str, bundle: Path, manifest: dict[str, Any], providers: Optional[Sequence[str]] = None,
-                 threads: int = 0):
-    if name not in BACKENDS:
-        raise CgilError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    engine = manifest["engine"]
-    if name == "auto":
-        name = "tensorrt" if engine.get("tensorrt") and tensorrt_usable() else "onnxruntime"
-    if name == "onnxruntime":
-        return OnnxRuntimeImage(bundle / engine["image"], providers, manifest.get("precision", "fp32"), threads)
-    if name == "tensorrt":
-        from .tensorrt_backend import TensorRTImage
+class ImageBackend(Protocol):
+    """What Classifier needs of an image engine."""
 
-        return TensorRTImage(bundle, manifest)
-    return TorchImage(manifest)
+    name: str
+    providers: list[str]
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:  # uint8 (N, H, W, 3) -> float32 (N, D), rows L2-normalised
+        ...
+
+
+BackendFactory = Callable[[Path, "BundleManifest"], ImageBackend]
+_PLUGGED: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make `name` a backend choice: factory(bundle_dir, manifest) -> ImageBackend."""
+    _PLUGGED[name] = factory
+
+
+def backend_names() -> list[str]:
+    return list(BUILTIN_BACKENDS) + sorted(_PLUGGED)
+
+
+def make_backend(backend: Union[str, ImageBackend], bundle: Path, manifest: "BundleManifest",
+                 providers: Optional[Sequence[str]] = None, threads: int = 0) -> ImageBackend:
+    if not isinstance(backend, str):
+        return backend
+    name = backend
+    if name in _PLUGGED:
+        return _PLUGGED[name](bundle, manifest)
+    if name not in BUILTIN_BACKENDS:
+        raise CgilError(f"unknown backend {name!r}; choose one of: {', '.join(backend_names())}")
+    if name == "auto":
+        name = "tensorrt" if manifest.engine.get("tensorrt") and tensorrt_usable() else "onnxruntime"
+    if name == "onnxruntime":
+        return OnnxRuntimeImage(manifest.image_engine, providers, manifest.precision, threads)
+    from .tensorrt_backend import TensorRTImage
+
+    return TensorRTImage(bundle, manifest)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from cgil.errors import CgilError
+from .errors import CgilError
 
 from .bundle import Head
 from .metrics import Metrics

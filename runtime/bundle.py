@@ -1,4 +1,5 @@
 """Reading a deployment bundle without torch: the bundle format is defined here, written by export.bundle.
+Every name in it is untrusted: paths must stay inside the bundle and values are sanity-checked.
 
 A bundle is a directory:
 
@@ -13,7 +14,7 @@ A bundle is a directory:
       tokenizer/               the BPE vocabulary the text graphs expect
       tensorrt/image.plan      (--format tensorrt) a serialized engine + its cache key
       triton/cgil_image/...    (--format triton) a Triton model repository; then the image engine lives there
-      heads/CURRENT            pointer to the current head version (atomic swap, see cgil.artifacts.publish_version)
+      heads/CURRENT            pointer to the current head version (atomic swap, see runtime.heads)
       heads/head-0004/         manifest.json (kind "cgil-head", model identity), head.safetensors {keys,
                                future_keys}, head.json, prompt_context.safetensors, store.*, prompts.*
 
@@ -26,18 +27,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
-from cgil.artifacts import verify_manifest  # torch-free
-from cgil.errors import CgilError
+from .artifacts import verify_manifest
+from .errors import CgilError
+from .format import BUNDLE_KIND, HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, MANIFEST, POINTER
+from .identity import ModelIdentity
 
-MANIFEST = "manifest.json"
-BUNDLE_KIND = "cgil-bundle"
-HEAD_KIND = "cgil-head"
-HEADS_DIR = "heads"
-POINTER = "CURRENT"
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def read_manifest(directory: Path, kind: str) -> dict[str, Any]:
@@ -45,17 +44,67 @@ def read_manifest(directory: Path, kind: str) -> dict[str, Any]:
     return verify_manifest(directory, kind)
 
 
-def open_bundle(bundle: str | os.PathLike) -> dict[str, Any]:
-    return read_manifest(Path(bundle), BUNDLE_KIND)
+def inside(root: Path, relative: Any, what: str) -> Path:
+    """`root / relative`, refused unless it stays inside root once symlinks are resolved."""
+    if not isinstance(relative, str) or not relative or os.path.isabs(relative):
+        raise CgilError(f"{root}: {what} {relative!r} is not a relative path inside the bundle")
+    path = root / relative
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise CgilError(f"{root}: {what} {relative!r} points outside the bundle")
+    return path
 
 
-def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("model", "weights_id", "config_sha")
-    return all(a.get(k) == b.get(k) for k in keys)
+@dataclass(frozen=True)
+class BundleManifest:
+    """A bundle's manifest.json, checked: what a device needs to run the engine and read heads."""
+
+    directory: Path
+    identity: ModelIdentity
+    preprocess: dict[str, Any]
+    precision: str
+    max_batch: int
+    logit_scale: float
+    image_engine: Path  # ONNX image graph, inside the bundle
+    engine: dict[str, Any]  # as written: "image", optional "tensorrt" {plan, key}, "triton"
+    text: Optional[dict[str, Any]]  # zero_shot / prompted graph paths, template, tokenizer
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def parse(cls, directory: Path, m: dict[str, Any]) -> "BundleManifest":
+        where = directory / MANIFEST
+        engine = m.get("engine")
+        if not isinstance(engine, dict):
+            raise CgilError(f"{where}: no engine section")
+        precision = m.get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise CgilError(f"{where}: unknown precision {precision!r}")
+        try:
+            logit_scale = float(m.get("logit_scale", 100.0))
+            max_batch = int(m.get("max_batch", 32))
+        except (TypeError, ValueError) as e:
+            raise CgilError(f"{where}: malformed logit_scale or max_batch ({e})") from None
+        if not np.isfinite(logit_scale) or not 0 < logit_scale <= 1000:
+            raise CgilError(f"{where}: logit_scale {logit_scale} is not a finite value in CLIP's range (0, 1000]")
+        if max_batch < 1:
+            raise CgilError(f"{where}: max_batch {max_batch} must be at least 1")
+        if not isinstance(m.get("preprocess"), dict):
+            raise CgilError(f"{where}: no preprocess section")
+        text = m.get("text")
+        if text is not None:
+            if not isinstance(text, dict) or not isinstance(text.get("tokenizer"), dict):
+                raise CgilError(f"{where}: malformed text section")
+            for key in ("zero_shot", "prompted"):
+                inside(directory, text.get(key), f"text graph {key}")
+            inside(directory, text["tokenizer"].get("vocab"), "tokenizer vocabulary")
+        if engine.get("tensorrt"):
+            inside(directory, engine["tensorrt"].get("plan"), "TensorRT plan")
+        return cls(directory, ModelIdentity.from_dict(m.get("model"), str(where)), m["preprocess"], precision,
+                   max_batch, logit_scale, inside(directory, engine.get("image"), "image engine"), engine, text, m)
 
 
-def describe_model(identity: dict[str, Any]) -> str:
-    return f"{identity.get('model')} ({identity.get('weights_id')}, config {identity.get('config_sha')})"
+def open_bundle(bundle: str | os.PathLike) -> BundleManifest:
+    directory = Path(bundle)
+    return BundleManifest.parse(directory, read_manifest(directory, BUNDLE_KIND))
 
 
 @dataclass(frozen=True)
@@ -66,7 +115,7 @@ class Head:
     class_names: list[str]
     class_ids: list[int]
     version: int
-    identity: dict[str, Any]
+    identity: ModelIdentity
     directory: Optional[Path] = None
     future_keys: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     future_names: list[str] = field(default_factory=list)
@@ -85,20 +134,19 @@ class Head:
 
 def head_dir(path: Path) -> Path:
     """A bundle (-> its current head), a bundle's heads/ folder, or one head version folder."""
+    from .heads import current_name
+
     path = Path(path)
     for root in (path / HEADS_DIR, path):
-        pointer = root / POINTER
-        if pointer.is_file():
-            name = pointer.read_text().strip()
-            if not name or not (root / name).is_dir():
-                raise CgilError(f"{pointer} points at {name!r}, which does not exist")
-            return root / name
-    if (path / HEADS_DIR).is_dir() or (path / MANIFEST).is_file() and not (path / "head.json").exists():
+        if (root / POINTER).is_file():
+            return root / current_name(root)
+    if (path / HEADS_DIR).is_dir() or (path / MANIFEST).is_file() and not (path / HEAD_META).exists():
         raise CgilError(f"{path} has no published head ({HEADS_DIR}/{POINTER} is missing)")
     return path
 
 
-def load_head(path: str | os.PathLike, engine_identity: Optional[dict[str, Any]] = None) -> Head:
+def load_head(path: str | os.PathLike,
+              engine_identity: Union[ModelIdentity, dict[str, Any], None] = None) -> Head:
     """Read and verify a head; refuse it if it was made with another model than the engine's."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -106,27 +154,31 @@ def load_head(path: str | os.PathLike, engine_identity: Optional[dict[str, Any]]
     directory = head_dir(Path(path))
     manifest = read_manifest(directory, HEAD_KIND)
     try:
-        meta = json.loads((directory / "head.json").read_text())
-        tensors = load_file(str(directory / "head.safetensors"))
+        meta = json.loads((directory / HEAD_META).read_text())
+        tensors = load_file(str(directory / HEAD_TENSORS))
     except FileNotFoundError as e:
         raise CgilError(f"{directory}: missing {Path(e.filename).name}") from e
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
         raise CgilError(f"{directory}: corrupt head file: {e}") from e
-    identity = meta.get("model") or manifest.get("model") or {}
-    if engine_identity is not None and not same_model(identity, engine_identity):
-        raise CgilError(f"{directory / 'head.json'} was trained for {describe_model(identity)}, but the bundle's image "
-                        f"engine is {describe_model(engine_identity)}: its keys are not comparable with these embeddings")
-    if manifest.get("model") and not same_model(manifest["model"], identity):
+    if not isinstance(meta, dict):
+        raise CgilError(f"{directory / HEAD_META}: not a JSON object")
+    identity = ModelIdentity.from_dict(meta.get("model") or manifest.get("model"), str(directory / HEAD_META))
+    if engine_identity is not None:
+        engine = ModelIdentity.of(engine_identity)
+        if not identity.same_weights(engine):
+            raise CgilError(f"{directory / HEAD_META} was trained for {identity.describe()}, but the bundle's image "
+                            f"engine is {engine.describe()}: its keys are not comparable with these embeddings")
+    if manifest.get("model") and not ModelIdentity.from_dict(manifest["model"], str(directory)).same_weights(identity):
         raise CgilError(f"{directory}: head.json and manifest.json name different models")
     keys = np.ascontiguousarray(tensors.get("keys", np.zeros((0, 0), np.float32)), dtype=np.float32)
     names = list(meta.get("class_names", []))
-    dim = int(identity.get("embed_dim") or keys.shape[-1])
+    dim = identity.embed_dim
     if keys.ndim != 2 or keys.shape[0] != len(names) or (keys.size and keys.shape[1] != dim):
-        raise CgilError(f"{directory / 'head.safetensors'}: keys of shape {keys.shape} do not fit "
+        raise CgilError(f"{directory / HEAD_TENSORS}: keys of shape {keys.shape} do not fit "
                         f"{len(names)} class names and embedding size {dim}")
     future_names = list(meta.get("future_class_names", []))
     future = np.asarray(tensors.get("future_keys", np.zeros((0, keys.shape[1]), np.float32)), dtype=np.float32)
     if future.shape[0] != len(future_names):
-        raise CgilError(f"{directory / 'head.safetensors'}: {future.shape[0]} future keys for {len(future_names)} names")
+        raise CgilError(f"{directory / HEAD_TENSORS}: {future.shape[0]} future keys for {len(future_names)} names")
     return Head(keys, names, [int(c) for c in meta.get("class_ids", [])], int(meta.get("head_version", 0)),
                 identity, directory, future, future_names)

@@ -4,13 +4,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from cgil.errors import CgilError
-
-from .backends import make_backend
+from .errors import CgilError
+from .backends import ImageBackend, make_backend
 from .bundle import Head, load_head, open_bundle
 from .preprocess import ImageLike, Preprocess
 
@@ -28,17 +27,17 @@ class Prediction:
 class Classifier:
     """A verified bundle's image engine plus a swappable head.
 
-    Classifier(bundle, backend="auto" | "onnxruntime" | "tensorrt" | "torch", providers=None)
+    Classifier(bundle, backend="auto" | "onnxruntime" | "tensorrt" | a registered name | an ImageBackend, providers=None)
     `predict(images, top_k)` and `embed(images)` take paths, PIL images or uint8 arrays.
     """
 
-    def __init__(self, bundle: str | Path, backend: str = "auto", providers: Optional[Sequence[str]] = None,
-                 include_future: bool = False, threads: int = 0):
+    def __init__(self, bundle: str | Path, backend: Union[str, ImageBackend] = "auto",
+                 providers: Optional[Sequence[str]] = None, include_future: bool = False, threads: int = 0):
         self.bundle = Path(bundle)
         self.manifest = open_bundle(self.bundle)
-        self.identity = self.manifest["model"]
-        self.preprocess = Preprocess.from_config(self.manifest["preprocess"])
-        self.logit_scale = float(self.manifest.get("logit_scale", 100.0))
+        self.identity = self.manifest.identity
+        self.preprocess = Preprocess.from_config(self.manifest.preprocess)
+        self.logit_scale = self.manifest.logit_scale
         self.include_future = include_future
         self.backend = make_backend(backend, self.bundle, self.manifest, providers, threads)
         self._swap = threading.Lock()
@@ -74,9 +73,9 @@ class Classifier:
         h, w = self.preprocess.size
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (h, w, 3):
             raise CgilError(f"pixels must be uint8 (N, {h}, {w}, 3), got {pixels.dtype} {tuple(pixels.shape)}")
-        limit = int(self.manifest.get("max_batch") or batch_size) if self.backend.name == "tensorrt" else batch_size
+        limit = self.manifest.max_batch if self.backend.name == "tensorrt" else batch_size
         if len(pixels) == 0:
-            return np.zeros((0, int(self.identity["embed_dim"])), np.float32)
+            return np.zeros((0, self.identity.embed_dim), np.float32)
         return np.concatenate([self.backend.embed(pixels[i:i + limit]) for i in range(0, len(pixels), limit)])
 
     def embed(self, images: Sequence[ImageLike]) -> np.ndarray:

@@ -7,7 +7,9 @@ from typing import List
 
 import typer
 
-from cgil.data.base import IMAGE_EXTENSIONS
+from .console import console, fail, guarded
+from .errors import CgilError
+from .images import IMAGE_EXTENSIONS
 
 
 def expand(paths: list[Path]) -> list[Path]:
@@ -33,7 +35,7 @@ def _short_names(args: list[Path], files: list[Path]) -> list[str]:
 
 def predict_files(classifier, files: list[Path], top_k: int, batch: int = 32) -> list[dict]:
     """One result per file, in order: {"file", "labels", "scores", ...} or {"file", "error"}."""
-    from cgil.errors import CgilError
+    from .errors import CgilError
 
     results: list[dict] = []
     for start in range(0, len(files), batch):
@@ -56,8 +58,6 @@ def predict_files(classifier, files: list[Path], top_k: int, batch: int = 32) ->
 
 
 def register(app: typer.Typer) -> None:
-    from cli import console, fail, guarded
-
     @app.command("predict")
     @guarded
     def predict_command(
@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         images: List[Path] = typer.Argument(..., help="Image files and/or folders of images"),
         top_k: int = typer.Option(5, "--top-k", min=1, help="Labels per image"),
         as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
-        backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt | torch"),
+        backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt | torch (a cross-check; needs the learner installed)"),
     ):
         """Classify images with an exported bundle. Exit code 1 if any file could not be read."""
         from rich.table import Table

@@ -8,17 +8,15 @@ The float scaling and mean/std normalisation live in the graph (see export.onnx_
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from cgil.data.base import to_rgb
-from cgil.errors import CgilError
+from .errors import CgilError
+from .images import ImageLike, load_image
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 _FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
@@ -77,7 +75,7 @@ class Preprocess:
 
     def pixels(self, image: ImageLike) -> np.ndarray:
         """One image -> uint8 (H, W, 3) at the model's size, as the image graph expects."""
-        img = to_rgb(load(image))
+        img = load_image(image)
         img = self._resize(img)
         if self.resize_mode != "squash":
             img = self._crop(img)
@@ -95,20 +93,3 @@ class Preprocess:
         mean = np.asarray(self.mean, np.float32).reshape(1, 3, 1, 1)
         std = np.asarray(self.std, np.float32).reshape(1, 3, 1, 1)
         return (x - mean) / std
-
-
-def load(image: ImageLike) -> Image.Image:
-    """A path, PIL image or uint8 array (HW, HWC) -> PIL image; unreadable files raise a CgilError naming them."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise CgilError(f"an image array must be uint8 (H, W) or (H, W, 1|3|4), got {image.dtype} {image.shape}")
-        return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
-    path = os.fspath(image)
-    try:
-        with Image.open(path) as f:
-            f.load()
-            return f.copy()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CgilError(f"cannot read image {path}: {e}") from e

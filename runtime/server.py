@@ -33,7 +33,7 @@ import numpy as np
 from fastapi import Query, Request
 from pydantic import BaseModel
 
-from cgil.errors import CgilError
+from .errors import CgilError
 
 from .batching import Batcher, HeadManager, QueueFull
 from .metrics import Metrics

@@ -9,11 +9,11 @@ Not run on the development machines (no GPU): see the README for what was verifi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from cgil.errors import CgilError
+from .bundle import BundleManifest, inside
+from .errors import CgilError
 
 
 def _check(result):
@@ -27,23 +27,21 @@ def _check(result):
 class TensorRTImage:
     name = "tensorrt"
 
-    def __init__(self, bundle: Path, manifest: dict[str, Any]):
-        from export.tensorrt import build_engine, require_tensorrt
+    def __init__(self, bundle: Path, manifest: BundleManifest):
+        from .tensorrt_build import build_engine, gpu_name, require_tensorrt
 
         trt, cudart = require_tensorrt()
         self.trt, self.cudart = trt, cudart
-        engine_info = manifest["engine"]
-        h, w = manifest["preprocess"]["size"]
-        precision = manifest.get("precision", "fp16")
-        self.max_batch = int(manifest.get("max_batch", 32))
+        engine_info = manifest.engine
+        h, w = manifest.preprocess["size"]
+        precision = manifest.precision
+        self.max_batch = manifest.max_batch
         plan_info = engine_info.get("tensorrt") or {}
         key = plan_info.get("key", {})
-        from export.tensorrt import gpu_name
-
         if plan_info and key.get("tensorrt") == trt.__version__ and key.get("gpu") == gpu_name():
-            plan = (bundle / plan_info["plan"]).read_bytes()
+            plan = inside(bundle, plan_info["plan"], "TensorRT plan").read_bytes()
         else:  # another TensorRT or GPU than the one that built the bundle's plan
-            plan, _ = build_engine(bundle / engine_info["image"], key.get("precision", precision), (h, w), self.max_batch)
+            plan, _ = build_engine(manifest.image_engine, key.get("precision", precision), (h, w), self.max_batch)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
@@ -53,7 +51,7 @@ class TensorRTImage:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.embed_dim = int(manifest["model"]["embed_dim"])
+        self.embed_dim = manifest.identity.embed_dim
         self.image_hw = (h, w)
         self.stream = _check(cudart.cudaStreamCreate())
         # Device buffers sized once for max_batch; every call reuses them.

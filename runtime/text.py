@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from cgil.errors import CgilError
-
 from .backends import ort_session
+from .bundle import BundleManifest, inside
+from .errors import CgilError
+from .format import CONTEXT, TOKENS
 from .tokenizer import BpeTokenizer
 
 
@@ -18,16 +19,16 @@ def truncate(tokens: np.ndarray, eot_id: int) -> np.ndarray:
 
 
 class TextEncoderRuntime:
-    def __init__(self, bundle: Path, manifest: dict[str, Any]):
-        text = manifest.get("text")
+    def __init__(self, bundle: Path, manifest: BundleManifest):
+        text = manifest.text
         if not text:
             raise CgilError(f"{bundle} has no text graphs (exported without a CLIP BPE tokenizer)")
         self.template = text["template"]
         tok = text["tokenizer"]
-        self.tokenizer = BpeTokenizer(bundle / tok["vocab"], tok["context_length"])
+        self.tokenizer = BpeTokenizer(inside(bundle, tok["vocab"], "tokenizer vocabulary"), tok["context_length"])
         self.eot_id = self.tokenizer.eot_token_id
-        self.zero_shot_session = ort_session(bundle / text["zero_shot"])
-        self.prompted_session = ort_session(bundle / text["prompted"])
+        self.zero_shot_session = ort_session(inside(bundle, text["zero_shot"], "text graph"))
+        self.prompted_session = ort_session(inside(bundle, text["prompted"], "text graph"))
 
     def tokens(self, texts: Sequence[str]) -> np.ndarray:
         return truncate(self.tokenizer(list(texts)), self.eot_id)
@@ -37,9 +38,9 @@ class TextEncoderRuntime:
         if not names:
             raise CgilError("no class names given")
         tokens = self.tokens([self.template.format(n) for n in names])
-        return self.zero_shot_session.run(None, {"tokens": tokens})[0]
+        return self.zero_shot_session.run(None, {TOKENS: tokens})[0]
 
     def prompted_keys(self, context: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Keys from learned context vectors (C, n_ctx + 1, W) and prompt tokens (C, L)."""
         tokens = truncate(tokens, self.eot_id)
-        return self.prompted_session.run(None, {"context": context.astype(np.float32), "tokens": tokens})[0]
+        return self.prompted_session.run(None, {CONTEXT: context.astype(np.float32), TOKENS: tokens})[0]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cgil.data import get_dataset
-from cgil.errors import CgilError
+from runtime.errors import CgilError
 
 
 def _img(path: Path, seed: int, size: int = 8) -> None:

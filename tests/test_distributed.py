@@ -61,7 +61,7 @@ def test_batch_shards_cover_items_on_batch_boundaries():
 def test_two_gloo_processes_equal_single_process(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 
-    from cgil.artifacts import load_tensors
+    from cgil.tensor_io import load_tensors
     from cgil.clip import create_clip
     from cgil.data import get_dataset
     from cgil.features import cache_key, embed_items, task_features

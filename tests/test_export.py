@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from cgil.errors import CgilError
+from runtime.errors import CgilError
 
 
 # ---- shared session fixtures (test_runtime.py and test_predict_cli.py import them) -----------------
@@ -50,7 +50,7 @@ test_images.__test__ = False  # a helper, not a test
 
 # ---- the bundle -------------------------------------------------------------------------------------
 def test_bundle_manifest_lists_every_file_with_its_sha256(fp32_bundle, tiny_run):
-    from cgil.artifacts import SCHEMA_VERSION, read_json, sha256_file
+    from runtime.artifacts import SCHEMA_VERSION, read_json, sha256_file
 
     m = json.loads((fp32_bundle / "manifest.json").read_text())
     config = read_json(tiny_run / "config.json")
@@ -122,10 +122,11 @@ def test_text_graphs_give_the_learners_keys_and_zero_shot_embeddings(fp32_bundle
 
     from cgil.state import load_learner
     from export.onnx_export import min_cosine
+    from runtime.bundle import open_bundle
     from runtime.text import TextEncoderRuntime
 
     m = json.loads((fp32_bundle / "manifest.json").read_text())
-    text = TextEncoderRuntime(fp32_bundle, m)
+    text = TextEncoderRuntime(fp32_bundle, open_bundle(fp32_bundle))
     learner, _ = load_learner(tiny_run / "state" / "task-004", tiny_clip)
     names = ["cat", "a big red fire truck", "zero", "naïve café"]  # unseen lengths: the length axis is dynamic
     with torch.no_grad():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cgil.errors import CgilError
+from runtime.errors import CgilError
 from cgil.generators import GENERATORS, GeneratorConfig, load_generators, make_generators
 
 D = 16

@@ -7,10 +7,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cgil.artifacts import current_dir, load_tensors, publish_version, save_tensors, verify_manifest
+from runtime.artifacts import current_dir, publish_version, verify_manifest
+
+from cgil.tensor_io import load_tensors, save_tensors
 from cgil.clip import create_clip
 from cgil.data import get_dataset
-from cgil.errors import CgilError
+from runtime.errors import CgilError
 from cgil.features import task_features
 from cgil.state import load_learner, state_dir
 from cli import app

@@ -2,7 +2,7 @@
 import pytest
 
 from cgil import metrics
-from cgil.errors import CgilError
+from runtime.errors import CgilError
 from cgil.scenario import Scenario, class_order, task_sizes
 
 # Three tasks; after task t only tasks 0..t are evaluated (class-IL).

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cgil.errors import CgilError
+from runtime.errors import CgilError
 from test_export import fp32_bundle, int8_bundle, test_images, tiny_clip  # noqa: F401  (shared session fixtures)
 from conftest import BLOCK_TORCH
 
@@ -85,8 +85,10 @@ def test_classifier_predicts_what_the_pytorch_model_predicts(fp32_bundle, tiny_c
     assert all(len(p.labels) == 3 and p.scores == sorted(p.scores, reverse=True) for p in preds)
     emb = clf.embed(images[:4])
     assert emb.shape == (4, 64) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    # the torch backend runs the same graph in eager mode
-    torch_emb = Classifier(fp32_bundle, backend="torch").embed(images[:4])
+    # the torch backend (export's, passed in as an instance) runs the same graph in eager mode
+    from export.torch_backend import TorchImage
+
+    torch_emb = Classifier(fp32_bundle, backend=TorchImage(clf.manifest)).embed(images[:4])
     assert float((emb * torch_emb).sum(1).min()) >= 0.9999
 
 
@@ -230,7 +232,7 @@ def test_other_schema_version_is_refused(bundle_copy):
 
 def _publish_head(bundle: Path, name: str, edit) -> Path:
     """A new head version in the bundle (as an update would publish it), with head.json edited."""
-    from cgil.artifacts import publish_version
+    from runtime.artifacts import publish_version
 
     src = next((bundle / "heads").glob("head-*"))
     meta = json.loads((src / "head.json").read_text())

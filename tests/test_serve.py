@@ -81,7 +81,7 @@ def test_endpoints_openapi_and_predictions_equal_the_classifier(bundle, new_digi
 
 
 def test_8_threads_x_50_requests_with_hot_swaps_zero_failures(bundle, new_digits):
-    from cgil.update import add_zero_shot, rollback
+    from runtime.heads import add_zero_shot, rollback
     from runtime.bundle import load_head
 
     existed = {load_head(bundle).version}
@@ -231,7 +231,7 @@ def test_queue_overflow_answers_503_with_retry_after(bundle, new_digits):
 
 
 def test_admin_reload_needs_loopback_or_token(bundle):
-    from cgil.update import add_zero_shot
+    from runtime.heads import add_zero_shot
 
     with running_server(bundle, admin_token="s3cret", watch_interval_s=0) as url, httpx.Client(base_url=url) as c:
         remote = {"X-Forwarded-For": "203.0.113.7"}  # a non-loopback peer behind a local reverse proxy (uvicorn proxy headers)
@@ -249,7 +249,7 @@ def test_admin_reload_needs_loopback_or_token(bundle):
 
 
 def test_a_corrupt_new_head_is_refused_and_the_old_one_keeps_serving(bundle, new_digits):
-    from cgil.update import add_zero_shot
+    from runtime.heads import add_zero_shot
 
     with running_server(bundle, watch_interval_s=0) as url, httpx.Client(base_url=url) as c:
         info = add_zero_shot(bundle, ["forklift"])
@@ -263,7 +263,7 @@ def test_a_corrupt_new_head_is_refused_and_the_old_one_keeps_serving(bundle, new
 def test_serving_path_never_imports_torch(bundle):
     code = ("import sys; from runtime.server import ServeConfig, create_app; "
             f"app = create_app(ServeConfig({str(bundle)!r}, backend='onnxruntime')); "
-            "import runtime.serve_commands, cgil.update; print('torch' in sys.modules)")
+            "import runtime.serve_commands, runtime.heads, runtime.store_info; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -5,8 +5,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cgil.artifacts import load_tensors, verify_manifest
-from cgil.errors import CgilError
+from runtime.artifacts import verify_manifest
+
+from cgil.tensor_io import load_tensors
+from runtime.errors import CgilError
 from cgil.progress import Reporter
 from cgil.state import state_dir
 from cgil.train import run

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cgil.errors import CgilError
+from runtime.errors import CgilError
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--epochs", "2", "--passes", "2"]
@@ -67,7 +67,7 @@ def current(bundle: Path) -> str:
 
 # ---- image updates ------------------------------------------------------------------------------------
 def test_update_learns_new_classes_from_images_and_rolls_back(bundle, new_digits):
-    from cgil.update import update_from_images
+    from export.update import update_from_images
     from runtime import Classifier
     from runtime.bundle import load_head
 
@@ -109,7 +109,8 @@ def test_update_learns_new_classes_from_images_and_rolls_back(bundle, new_digits
 
 
 def test_duplicate_class_names_are_refused(bundle, new_digits, tmp_path):
-    from cgil.update import add_zero_shot, update_from_images
+    from export.update import update_from_images
+    from runtime.heads import add_zero_shot
 
     dup = tmp_path / "dup"
     shutil.copytree(new_digits / "eight", dup / "three")  # "three" is learned already
@@ -129,7 +130,7 @@ def test_zero_shot_class_without_torch_then_learned_from_images(bundle, new_digi
     from runtime import Classifier
     from runtime.bundle import load_head
 
-    code = ("import sys; from cgil.update import add_zero_shot; "
+    code = ("import sys; from runtime.heads import add_zero_shot; "
             f"r = add_zero_shot({str(bundle)!r}, ['eight', 'forklift']); "
             "print(r['version'], 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -141,7 +142,7 @@ def test_zero_shot_class_without_torch_then_learned_from_images(bundle, new_digi
     clf = Classifier(bundle)
     np.testing.assert_allclose(head.keys[-2:], clf.zero_shot_keys(["eight", "forklift"]), atol=1e-6)
     # an image update of a zero-shot name replaces its key with a learned prompt (the one accepted known name)
-    from cgil.update import update_from_images
+    from export.update import update_from_images
 
     update_from_images(bundle, new_digits, epochs=1, passes=1)
     head = load_head(bundle)
@@ -156,7 +157,8 @@ def test_zero_shot_class_without_torch_then_learned_from_images(bundle, new_digi
 def test_fp16_store_halves_generator_bytes_and_updates_again(bundle, new_digits, tmp_path):
     from safetensors import safe_open
 
-    from cgil.update import store_info, update_from_images
+    from export.update import update_from_images
+    from runtime.store_info import store_info
 
     fp32 = tmp_path / "fp32"
     shutil.copytree(bundle, fp32)
@@ -192,7 +194,7 @@ def test_kill_9_during_update_leaves_a_loadable_serving_bundle(bundle, new_digit
     first = current(bundle)
     first_version = load_head(bundle).version
     rng = random.Random(1234)
-    from cgil.update import rollback
+    from runtime.heads import rollback
 
     cmd = [sys.executable, "-m", "cli", "update", str(bundle), "--data", str(new_digits), "--epochs", "2", "--passes", "2"]
     # one complete update measures how long an update takes on this machine now, then is rolled back
@@ -239,14 +241,14 @@ def test_kill_9_during_update_leaves_a_loadable_serving_bundle(bundle, new_digit
     assert any(k for _, k, _, _ in outcomes), outcomes  # at least one trial was really killed mid-update
     leftovers = [p.name for p in (bundle / "heads").iterdir() if p.name.endswith(".tmp")]
     # orphaned temporary folders of killed updates are removed by the next update
-    from cgil.update import add_zero_shot
+    from runtime.heads import add_zero_shot
 
     add_zero_shot(bundle, ["forklift"])
     assert not [p for p in (bundle / "heads").iterdir() if p.name.endswith(".tmp")], leftovers
 
 
 CRASHES = {  # where the process dies (os._exit: no cleanup, no finally, like kill -9) -> which version is current after
-    "writing the version files": ("_write_head", "before"),
+    "writing the version files": ("write_head_files", "before"),
     "before the folder rename": ("rename", "before"),
     "after the rename, before the pointer switch": ("rename", "after"),
     "after the pointer switch, before history.json": ("history", "before"),
@@ -255,20 +257,20 @@ CRASHES = {  # where the process dies (os._exit: no cleanup, no finally, like ki
 
 @pytest.mark.parametrize("where", list(CRASHES))
 def test_death_at_each_step_of_publishing_keeps_a_consistent_bundle(bundle, where):
-    from cgil.update import add_zero_shot, rollback
+    from runtime.heads import add_zero_shot, rollback
     from runtime.bundle import load_head
 
     target, when = CRASHES[where]
     first, first_version = current(bundle), load_head(bundle).version
     code = f"""
-import os, cgil.artifacts as a, cgil.update as u
+import os, runtime.artifacts as a, runtime.heads as u
 target, when = {target!r}, {when!r}
-if target == "_write_head":
-    real = u._write_head
+if target == "write_head_files":
+    real = u.write_head_files
     def patched(d, *args):
         real(d, *args)
         os._exit(137)
-    u._write_head = patched
+    u.write_head_files = patched
 elif target == "rename":
     real = os.replace
     def patched(src, dst):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 from .base import ImageDataset, Split, load_image, to_rgb
 
 Loader = Callable[[Optional[Path]], ImageDataset]

@@ -6,17 +6,14 @@ An item is either a file path (read lazily) or an in-memory image (uint8 array o
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from ..errors import CgilError
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from runtime.errors import CgilError
+from runtime.images import IMAGE_EXTENSIONS, load_image, to_rgb  # noqa: F401  (re-exported for the loaders)
 
 
 @dataclass
@@ -59,41 +56,6 @@ class ImageDataset:
             empty = [self.classnames[c] for c in np.flatnonzero(counts == 0)]
             if empty:
                 raise CgilError(f"{self.name}: no {split_name} images for class(es): {', '.join(empty)}")
-
-
-def load_image(item: Any) -> Image.Image:
-    """Any supported item -> RGB PIL image. Errors name the offending file."""
-    if isinstance(item, Image.Image):
-        img = item
-    elif isinstance(item, np.ndarray):
-        img = Image.fromarray(item)
-    else:
-        path = os.fspath(item)
-        try:
-            with Image.open(path) as f:
-                f.load()
-                img = f.copy()
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise CgilError(f"cannot read image {path}: {e}") from e
-    return to_rgb(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from grayscale, 16-bit, palette, RGBA (composited on white) or CMYK images."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 1.0
-        arr = (arr / (65535.0 if hi > 255 else 255.0) * 255.0).clip(0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-        return background
-    return img.convert("RGB")
 
 
 def fingerprint_files(paths: Sequence[str | Path], root: Path) -> str:

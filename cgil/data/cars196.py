@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 from . import register_dataset
 from .base import ImageDataset, Split
 from .catalog import Benchmark, benchmark_dataset, locate_root, register_benchmark, require

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 
 if TYPE_CHECKING:
     from .base import ImageDataset, Split

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 from . import register_dataset
 from .base import ImageDataset, Split, fingerprint_files
 from .catalog import Benchmark, Download, locate_root, register_benchmark, require

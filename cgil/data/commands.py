@@ -16,13 +16,11 @@ from typing import Any, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from ..errors import CgilError
+from runtime.console import console, fail, guarded
+from runtime.errors import CgilError
 from .catalog import BENCHMARKS, Benchmark, Expected, default_root
-
-console = Console()
 
 
 def _bench(name: str) -> Benchmark:
@@ -155,26 +153,21 @@ def download(name: str, data_dir: Optional[Path], keep_archives: bool = False) -
 def register(app: typer.Typer) -> None:
     data_app = typer.Typer(no_args_is_help=True, help="The paper's benchmarks on disk: check a copy, or download one.")
 
-    def fail(message: str) -> None:
-        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2)
-
     @data_app.command("check")
+    @guarded
     def check_cmd(
         name: str = typer.Argument(..., help=", ".join(sorted(BENCHMARKS))),
         data_dir: Optional[Path] = typer.Option(None, help="Dataset folder (default $CGIL_DATA/NAME)"),
         show_all: bool = typer.Option(False, "--all", help="List every class, not only those that differ"),
     ):
         """Count images per split and class and compare with a complete copy under the reference protocol."""
-        try:
-            report = check_report(name, data_dir)
-        except CgilError as e:
-            fail(str(e))
+        report = check_report(name, data_dir)
         print_report(report, show_all)
         if not report["ok"]:
             raise typer.Exit(code=1)
 
     @data_app.command("download")
+    @guarded
     def download_cmd(
         name: str = typer.Argument(..., help=", ".join(sorted(BENCHMARKS))),
         data_dir: Optional[Path] = typer.Option(None, help="Where to put it (default $CGIL_DATA/NAME)"),
@@ -184,8 +177,6 @@ def register(app: typer.Typer) -> None:
         try:
             root = download(name, data_dir, keep_archives)
             report = check_report(name, root)
-        except CgilError as e:
-            fail(str(e))
         except OSError as e:
             fail(f"download of {name} failed: {e}")
         print_report(report, show_all=False)

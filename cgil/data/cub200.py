@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 from . import register_dataset
 from .base import ImageDataset, Split
 from .catalog import Benchmark, benchmark_dataset, Download, locate_root, register_benchmark, require

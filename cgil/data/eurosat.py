@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 from . import register_dataset
 from .base import IMAGE_EXTENSIONS, ImageDataset, Split
 from .catalog import Benchmark, benchmark_dataset, Download, locate_root, register_benchmark

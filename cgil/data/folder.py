@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 from .base import IMAGE_EXTENSIONS, ImageDataset, Split, fingerprint_files
 
 

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 from . import register_dataset
 from .base import IMAGE_EXTENSIONS, ImageDataset, Split
 from .catalog import Benchmark, benchmark_dataset, Download, locate_root, missing_files, register_benchmark

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 from .base import ClassGenerators, GeneratorConfig
 from .diffusion import DiffusionGenerators
 from .gauss import GaussGenerators

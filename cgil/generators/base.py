@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 
 Progress = Optional[Callable[[int, int], None]]  # (done, total) -> None
 

@@ -1,10 +1,11 @@
-"""TensorRT engines for the image graph (optional extra: `pip install cgil[tensorrt]`).
+"""Building TensorRT engines for the image graph (optional extra: `pip install cgil[tensorrt]`).
 
 Written against the TensorRT 10 Python API (builder + ONNX parser + optimisation profile + timing
 cache). A serialized engine only runs on the TensorRT version and GPU that built it, so engines are
 cached under a key of (ONNX sha256, TensorRT version, GPU name, precision, profile): a new driver
 stack or another GPU finds no entry and rebuilds from the bundled ONNX instead of failing to
-deserialize. Nothing here imports torch; the runtime uses `engine_for` to (re)build on device.
+deserialize. Engine building is device work: the runtime's TensorRT backend (re)builds here on the
+device, and `cgil export --format tensorrt` builds through the same function. Nothing here imports torch.
 
 Verified where: see the README. No development machine has a GPU, so this module's tests skip.
 """
@@ -16,9 +17,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from cgil.errors import CgilError
-
-IMAGE_INPUT = "pixels"  # = export.onnx_export.IMAGE_INPUT (not imported: that module needs torch)
+from .artifacts import sha256_file
+from .errors import CgilError
+from .format import IMAGE_INPUT
 
 
 def import_cudart():
@@ -71,7 +72,6 @@ def build_engine(onnx_path: Path, precision: str, image_hw: tuple[int, int], max
                  cache_dir: Optional[Path] = None) -> tuple[bytes, dict[str, Any]]:
     """Serialized engine bytes and their cache key; reused from the engine cache when the key matches."""
     trt, _ = require_tensorrt()
-    from cgil.artifacts import sha256_file
 
     cache_dir = Path(cache_dir or default_cache_dir())
     cache_dir.mkdir(parents=True, exist_ok=True)

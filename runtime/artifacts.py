@@ -4,7 +4,8 @@ A reader never sees a half-written file: everything is written to a temporary na
 directory, fsynced, then renamed over the target. A versioned directory (a run's state, a bundle's
 head) is written whole into a fresh folder and published by atomically rewriting a small pointer file.
 
-Importing this module does not import torch: the torch-free runtime verifies and publishes with it.
+Torch-free: the device side verifies and publishes with it, the learner writes its runs with it
+(torch tensors go through cgil.tensor_io, which builds on this module).
 """
 from __future__ import annotations
 
@@ -14,16 +15,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from .errors import CgilError
-
-if TYPE_CHECKING:
-    import torch
-
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-POINTER = "CURRENT"
+from .format import HISTORY, MANIFEST, POINTER, SCHEMA_VERSION
 
 
 def fsync_dir(path: Path) -> None:
@@ -60,28 +55,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
-
-
-def tensors_to_bytes(tensors: dict[str, "torch.Tensor"], metadata: Optional[dict[str, str]] = None) -> bytes:
-    from safetensors.torch import save as st_save
-
-    return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-
-
-def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor"], metadata: Optional[dict[str, str]] = None) -> None:
-    atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
-
-
-def load_tensors(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
-    from safetensors.torch import load as st_load
-
-    path = Path(path)
-    try:
-        return st_load(path.read_bytes())
-    except FileNotFoundError:
-        raise CgilError(f"missing file {path}") from None
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CgilError(f"corrupt tensor file {path}: {e}") from e
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -181,7 +154,7 @@ def publish_version(root: str | os.PathLike, name: str, write: Callable[[Path], 
     history.append(name)
     for old in history[:-keep]:  # the previous version always survives, for readers and rollback
         shutil.rmtree(root / old, ignore_errors=True)
-    atomic_write_json(root / "history.json", history[-keep:])
+    atomic_write_json(root / HISTORY, history[-keep:])
     return final
 
 
@@ -193,7 +166,7 @@ def remove_orphans(root: str | os.PathLike) -> None:
 
 
 def read_history(root: str | os.PathLike) -> list[str]:
-    path = Path(root) / "history.json"
+    path = Path(root) / HISTORY
     if not path.exists():
         return []
     history = read_json(path)

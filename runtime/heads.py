@@ -1,0 +1,215 @@
+"""Head versions of a bundle: listing, the update lock, publishing, rollback, names, zero-shot classes.
+
+heads/ holds one folder per version (head-NNNN: head, replay store, prompts, prompted-graph inputs,
+sha256 manifest) and the one-line pointer heads/CURRENT. A version is written whole into a
+temporary folder, fsynced and renamed, then the pointer is replaced atomically
+(runtime.artifacts.publish_version): a process killed at any point leaves the previous version
+current and intact. Everything here is torch-free; the learner's image updates (export.update)
+publish through `publish_head` as well.
+
+Every name read from disk (CURRENT, history.json) is untrusted: it must be `head-NNNN` and resolve
+inside heads/ before it is read, kept or deleted.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .artifacts import atomic_write_json, atomic_write_text, publish_version, read_history, remove_orphans
+from .errors import CgilError
+from .format import (HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, HISTORY, KEEP, LOCK, MANIFEST, POINTER,
+                     PROMPTS_META, VERSION_RE, version_name)
+
+Report = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- versions on disk
+
+def heads_root(bundle: str | os.PathLike) -> Path:
+    root = Path(bundle) / HEADS_DIR
+    if not (root / POINTER).is_file():
+        raise CgilError(f"{bundle} is not a bundle with versioned heads (no {HEADS_DIR}/{POINTER})")
+    return root
+
+
+def checked_version(root: Path, name: str, where: str) -> Path:
+    """root/name for a version name read from disk: `head-NNNN`, a folder inside root."""
+    if not VERSION_RE.match(name):
+        raise CgilError(f"{where} names {name!r}, which is not a head version (head-NNNN)")
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()) or path.resolve().parent != root.resolve():
+        raise CgilError(f"{where} names {name!r}, which resolves outside {root}")
+    return path
+
+
+def current_name(root: Path) -> str:
+    pointer = root / POINTER
+    try:
+        name = pointer.read_text().strip()
+    except UnicodeDecodeError:
+        raise CgilError(f"{pointer} is corrupt (not UTF-8 text)") from None
+    except OSError as e:
+        raise CgilError(f"cannot read {pointer}: {e.strerror}") from None
+    if not name or not checked_version(root, name, str(pointer)).is_dir():
+        raise CgilError(f"{pointer} points at {name!r}, which does not exist")
+    return name
+
+
+def version_dirs(root: Path) -> dict[int, Path]:
+    out = {}
+    for p in root.iterdir():
+        m = VERSION_RE.match(p.name)
+        if m and p.is_dir():
+            out[int(m.group(1))] = p
+    return out
+
+
+@contextlib.contextmanager
+def update_lock(root: Path) -> Iterator[None]:
+    """One update (or rollback) of a bundle at a time; the lock dies with its process (kill -9 included)."""
+    with open(root / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CgilError(f"another cgil update of {root.parent} is running") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def next_version(root: Path, current: int) -> int:
+    return max([current, *version_dirs(root)]) + 1
+
+
+def publish_head(root: Path, version: int, write: Callable[[Path], None], model: dict[str, Any],
+                 keep: int = KEEP) -> Path:
+    """Write heads/head-NNNN with `write(tmpdir)` + a sha256 manifest, then switch heads/CURRENT to it."""
+    return publish_version(root, version_name(version), write, kind=HEAD_KIND, extra={"model": model}, keep=keep,
+                           overwrite=False)
+
+
+def rollback(bundle: str | os.PathLike, report: Report = _quiet) -> tuple[str, str]:
+    """Point heads/CURRENT back at the version published before the current one. Returns (from, to)."""
+    from .bundle import load_head
+
+    root = heads_root(bundle)
+    with update_lock(root):
+        current = current_name(root)
+        history = [n for n in read_history(root) if checked_version(root, n, str(root / HISTORY)).is_dir()]
+        earlier = history[:history.index(current)] if current in history else history
+        earlier = [n for n in earlier if n != current]
+        if not earlier:
+            raise CgilError(f"{bundle}: no previous head version to roll back to (current {current})")
+        target = earlier[-1]
+        load_head(root / target)  # verify before switching
+        atomic_write_text(root / POINTER, target + "\n")
+        # the rolled-back version stays on disk (its number is never reused) but leaves the history
+        atomic_write_json(root / HISTORY, [n for n in history if n != current])
+    report(f"rolled back {bundle}: {current} -> {target}")
+    return current, target
+
+
+# ---------------------------------------------------------------- what a head version holds
+
+def head_meta(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / HEAD_META).read_text())
+
+
+def learned_names(directory: Path) -> list[str]:
+    """Names of the classes with learned prompts (the others in the head are zero-shot)."""
+    prompts = directory / PROMPTS_META
+    return list(json.loads(prompts.read_text())["class_names"]) if prompts.exists() else []
+
+
+def version_model(directory: Path, bundle_model: dict[str, Any]) -> dict[str, Any]:
+    """The model identity recorded in a head version's manifest, else the bundle's."""
+    try:
+        return json.loads((directory / MANIFEST).read_text()).get("model") or bundle_model
+    except (OSError, json.JSONDecodeError):
+        return bundle_model
+
+
+def write_head_files(d: Path, keys: np.ndarray, future_keys: np.ndarray, meta: dict[str, Any]) -> None:
+    """head.safetensors {keys, future_keys} + head.json: the one writer of a head's files (runs and bundles)."""
+    from safetensors.numpy import save_file
+
+    tensors = {"keys": np.ascontiguousarray(keys, np.float32)}
+    if len(meta.get("future_class_names", [])):
+        tensors["future_keys"] = np.ascontiguousarray(future_keys, np.float32)
+    save_file(tensors, str(d / HEAD_TENSORS))
+    atomic_write_json(d / HEAD_META, meta)
+
+
+def check_new_names(names: Sequence[str], head_names: Sequence[str], learned: Sequence[str],
+                    allow_zero_shot: bool) -> None:
+    """New class names must be new: a zero-shot class may be learned from images (allow_zero_shot)."""
+    dup = sorted({n for n in names if list(names).count(n) > 1})
+    if dup:
+        raise CgilError(f"class name(s) given twice: {', '.join(dup)}")
+    if any(not n.strip() for n in names):
+        raise CgilError("empty class name")
+    taken = set(learned) if allow_zero_shot else set(head_names)
+    clash = sorted(set(names) & taken)
+    if clash:
+        what = "learned already" if allow_zero_shot else "already in the head"
+        raise CgilError(f"class name(s) {what}: {', '.join(clash)}; new classes need new names")
+
+
+# ---------------------------------------------------------------- name-only update
+
+def add_zero_shot(bundle: str | os.PathLike, names: Sequence[str], report: Report = _quiet) -> dict[str, Any]:
+    """Publish a head with zero-shot keys for new class names (the bundle's text ONNX graph; no torch)."""
+    from .bundle import load_head, open_bundle
+    from .text import TextEncoderRuntime
+
+    bundle = Path(bundle)
+    names = [n.strip() for n in names]
+    manifest = open_bundle(bundle)
+    root = heads_root(bundle)
+    with update_lock(root):
+        remove_orphans(root)
+        head = load_head(bundle, manifest.identity)
+        check_new_names(names, head.class_names, learned_names(head.directory), allow_zero_shot=False)
+        t0 = time.perf_counter()
+        z = TextEncoderRuntime(bundle, manifest).zero_shot(names)
+        z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        old = head_meta(head.directory)
+        version = next_version(root, head.version)
+        keep_future = [i for i, n in enumerate(head.future_names) if n not in names]
+        meta = dict(old)
+        meta.update({
+            "head_version": version,
+            "class_ids": list(head.class_ids) + [-1] * len(names),
+            "class_names": head.class_names + names,
+            "future_class_ids": [old.get("future_class_ids", [])[i] for i in keep_future] if old.get("future_class_ids") else [],
+            "future_class_names": [head.future_names[i] for i in keep_future],
+            "zero_shot_class_names": list(old.get("zero_shot_class_names", [])) + names,
+            "update": {"kind": "zero-shot", "added": names, "from_version": head.version,
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        })
+        keys = np.concatenate([head.keys, z.astype(np.float32)])
+        future = head.future_keys[keep_future] if len(keep_future) else np.zeros((0, keys.shape[1]), np.float32)
+        src = head.directory
+
+        def write(d: Path) -> None:
+            for p in src.iterdir():
+                if p.is_file() and p.name not in (MANIFEST, HEAD_META, HEAD_TENSORS):
+                    shutil.copyfile(p, d / p.name)
+            write_head_files(d, keys, future, meta)
+
+        final = publish_head(root, version, write, version_model(src, manifest.raw["model"]))
+    report(f"added {len(names)} zero-shot class(es) as {final.name} in {time.perf_counter() - t0:.2f}s: {', '.join(names)}")
+    return {"version": version, "directory": str(final), "added": names}
