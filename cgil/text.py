@@ -54,6 +54,24 @@ class TextTower:
         return self.token_embedding.embedding_dim
 
 
+def encode_embeds(tower: TextTower, token_embeds: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """The text forward: (N, L, W) token embeddings, already cut to the length to run, read at `eot` (N,).
+
+    positional embedding -> causal transformer -> final LayerNorm -> EOT position -> projection.
+    The learner (TextEncoder) and the exported text graphs (export.onnx_export) both run this.
+    """
+    length = token_embeds.shape[1]
+    dtype = tower.positional_embedding.dtype
+    x = token_embeds.to(dtype) + tower.positional_embedding[:length].to(dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+    x = tower.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), eot.to(x.device)]
+    proj = tower.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Module) else x @ proj
+    return x.float()
+
+
 class TextEncoder(nn.Module):
     """Token embeddings -> CLIP text embedding, truncated after the last EOT of the batch."""
 
@@ -78,18 +96,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, token_embeds: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings from (N, L, W) token embeddings and EOT positions (N,)."""
-        t = self.tower
         length = int(eot.max()) + 1 if self.truncate else token_embeds.shape[1]
-        x = token_embeds[:, :length]
-        dtype = t.positional_embedding.dtype
-        x = x.to(dtype) + t.positional_embedding[:length].to(dtype)
-        x = t.transformer(x, attn_mask=t.attn_mask[:length, :length])
-        x = t.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot.to(x.device)]
-        proj = t.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Module) else x @ proj
-        return x.float()
+        return encode_embeds(self.tower, token_embeds[:, :length], eot)
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self(self.embed_tokens(tokens), self.eot_positions(tokens))

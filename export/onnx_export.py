@@ -30,7 +30,7 @@ from torch import nn
 
 from cgil.clip import FrozenClip
 from runtime.errors import CgilError
-from cgil.text import TextTower
+from cgil.text import TextTower, encode_embeds
 from runtime.format import CONTEXT, IMAGE_INPUT, IMAGE_OUTPUT, KEY_OUTPUT, TEXT_OUTPUT, TOKENS  # noqa: F401
 
 OPSET = 18
@@ -109,16 +109,10 @@ class _TextGraph(nn.Module):
         self.eot_id = int(eot_id)
 
     def encode(self, token_embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        length = tokens.shape[1]
-        x = token_embeds + self.positional_embedding[:length]
-        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
-        x = self.ln_final(x)
-        eot = (tokens == self.eot_id).int().argmax(dim=-1)
-        x = x[torch.arange(x.shape[0]), eot]
-        proj = self.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Module) else x @ proj
-        return x.float()
+        """The learner's text forward (cgil.text.encode_embeds) on this graph's traceable tower."""
+        tower = TextTower(self.token_embedding, self.positional_embedding, self.transformer, self.ln_final,
+                          self.text_projection, self.attn_mask)
+        return encode_embeds(tower, token_embeds, (tokens == self.eot_id).int().argmax(dim=-1))
 
 
 class ZeroShotTextGraph(_TextGraph):
