@@ -145,7 +145,8 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
                 train_items = _subset(ds.train.items, ds.train.labels, CHECK_IMAGES)
                 report(f"  calibrating int8 on {len(train_items)} training images")
                 calib = _pixels(pre, train_items)
-                to_int8(fp32_path, image_path, [calib[i:i + 32] for i in range(0, len(calib), 32)])
+                to_int8(fp32_path, image_path, [calib[i:i + 32] for i in range(0, len(calib), 32)],
+                        target="tensorrt" if format == "tensorrt" else "cpu")
             low = _embed_ort(image_path, test_pixels, precision)
             agreement = top1_agreement(fp32, low, keys)
             checks[f"image_{precision}"] = {"top1_agreement_vs_fp32": agreement,
@@ -164,8 +165,15 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
         if format == "tensorrt":
             from runtime.tensorrt_build import build_engine
 
+            from .tensorrt_check import require_tensorrt_compatible
+
+            require_tensorrt_compatible(image_path)  # a readable reason instead of a parser error log
             report(f"  building a TensorRT {precision} engine (batch 1..{max_batch})")
             plan, key = build_engine(image_path, precision, (h, w), max_batch)
+            checks["tensorrt"] = check_engine(plan, (h, w), clip.identity.embed_dim, max_batch, precision,
+                                              test_pixels, fp32, keys, min_agreement)
+            report(f"  TensorRT {precision} engine: min cosine vs ONNX fp32 {checks['tensorrt']['min_cosine_vs_fp32']:.5f}, "
+                   f"top-1 agreement {checks['tensorrt']['top1_agreement_vs_fp32']:.2%}")
             (tmp / "tensorrt").mkdir()
             (tmp / "tensorrt" / "image.plan").write_bytes(plan)
             engine["tensorrt"] = {"plan": "tensorrt/image.plan", "key": key}
@@ -207,6 +215,30 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
         raise
     report(f"bundle written to {out}")
     return manifest
+
+
+# Least cosine of a TensorRT engine's embeddings with the fp32 ONNX graph's, per precision. int8 is
+# gated by top-1 agreement alone (as the int8 ONNX graph is): its cosines vary with calibration.
+ENGINE_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
+
+
+def check_engine(plan: bytes, image_hw: tuple[int, int], embed_dim: int, max_batch: int, precision: str,
+                 pixels: np.ndarray, fp32: np.ndarray, keys: np.ndarray, min_agreement: Optional[float] = None) -> dict:
+    """Run a freshly built TensorRT engine on the test images: the same gates as the ONNX graphs."""
+    from runtime.tensorrt_backend import TensorRTEngine
+
+    out = TensorRTEngine(plan, image_hw, embed_dim, max_batch).embed_all(pixels)
+    check = {"min_cosine_vs_fp32": ox.min_cosine(out, fp32), "top1_agreement_vs_fp32": top1_agreement(fp32, out, keys),
+             "images": len(pixels)}
+    least = ENGINE_MIN_COSINE.get(precision)
+    if least is not None and not check["min_cosine_vs_fp32"] >= least:  # also catches NaN
+        raise CgilError(f"TensorRT {precision} engine refused: min cosine with the fp32 ONNX graph "
+                        f"{check['min_cosine_vs_fp32']:.6f} < {least}")
+    needed = MIN_AGREEMENT[precision] if min_agreement is None else min_agreement
+    if not check["top1_agreement_vs_fp32"] >= needed:
+        raise CgilError(f"TensorRT {precision} engine refused: top-1 agreement with fp32 "
+                        f"{check['top1_agreement_vs_fp32']:.2%} < {needed:.0%}")
+    return check
 
 
 def _export_text(clip: FrozenClip, learner, tmp: Path, checks: dict, report) -> Optional[dict[str, Any]]:
