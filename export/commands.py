@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
         passes: Optional[int] = typer.Option(None, help="Generator passes over each new class's features (default: the store's)"),
         seed: int = typer.Option(1992, help="Seed of the new prompts, generators and alignment"),
         store_precision: str = typer.Option("fp32", "--store-precision", help="fp32 | fp16: how the replay store is written"),
+        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N: where --data fits generators and realigns"),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
     ):
         """Learn new classes on the device and publish them as a new head version (atomic).
@@ -78,7 +79,7 @@ def register(app: typer.Typer) -> None:
             from .update import update_from_images
 
             result = update_from_images(bundle, data, epochs=epochs, lr=lr, passes=passes, seed=seed,
-                                        store_precision=store_precision,
+                                        store_precision=store_precision, device=device,
                                         report=lambda s: typer.echo(s, err=as_json) if as_json else console.print(s, highlight=False))
         if as_json:
             typer.echo(json.dumps(result))
