@@ -277,3 +277,22 @@ def test_triton_batches_single_image_requests():
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 8]
     single = parse(config_pbtxt((32, 32), 64, 1))
     assert list(single.dynamic_batching.preferred_batch_size) == [] and single.HasField("dynamic_batching")
+
+
+def test_prompt_keys_know_their_truncation_length_without_reading_the_device():
+    """keys() passes the longest EOT from a host-side list (no GPU->host sync per step); same keys."""
+    from cgil.clip import create_clip
+    from cgil.generators import GeneratorConfig
+    from cgil.learner import AlignConfig, Learner
+    from cgil.text import normalize
+
+    learner = Learner(create_clip("cgil-tiny", None, "cpu", 0), GeneratorConfig(), AlignConfig())
+    learner.add_classes([0, 1, 2], ["cat", "a very long class name indeed", "dog"], 1)
+    p = learner.prompts
+    assert p.eot_on_host == p.text.eot_positions(p.tokens).tolist()
+    embeds = p.text.embed_tokens(p.tokens)
+    g = p.generator(p.zero_shot).unsqueeze(1).to(embeds.dtype)
+    embeds = torch.cat([embeds[:, :1], p.ctx.to(embeds.dtype), g, embeds[:, 2 + p.n_ctx:]], dim=1)
+    assert torch.equal(p.keys(), normalize(p.text(embeds, p.text.eot_positions(p.tokens))))
+    p.load_learned_state(p.learned_state(), [5, 6, 7], ["dog", "cat", "a very long class name indeed"])
+    assert p.eot_on_host == p.text.eot_positions(p.tokens).tolist()
