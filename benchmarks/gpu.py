@@ -81,18 +81,19 @@ def step_torch_latency(ctx: Context) -> None:
         cfg = preprocess_config(clip)
         graph = ImageGraph(clip.model, cfg["mean"], cfg["std"]).eval()
         test, _ = digits_pixels(cfg, "test", 64)
+        inputs = {b: np.ascontiguousarray(np.resize(test, (b, *test.shape[1:]))) for b in batches}
+        with torch.no_grad():  # CPU fp32 once per batch: the numbers every GPU variant must match
+            references = {b: graph(torch.from_numpy(x)).numpy() for b, x in inputs.items()}
         for dtype in ("fp32", "fp16"):
             if not ctx.cuda and dtype == "fp16":
                 continue  # the CPU smoke run checks the timing code, not half precision on a CPU
             runner = TorchCudaEmbedder(graph, dtype) if ctx.cuda else None
             for batch in batches:
-                pixels = np.ascontiguousarray(np.resize(test, (batch, *test.shape[1:])))
-                x = torch.from_numpy(pixels).to(ctx.device)
+                x = torch.from_numpy(inputs[batch]).to(ctx.device)
                 call = (lambda: runner.on_device(x)) if runner else (lambda: graph(x))
                 with torch.no_grad():
-                    reference = graph(torch.from_numpy(pixels)).numpy()
                     times = _timed_on_device(ctx, call, repeats)
-                    cosine = min_cosine(call().float().cpu().numpy(), reference)
+                    cosine = min_cosine(call().float().cpu().numpy(), references[batch])
                 p50, p99 = float(np.median(times)), float(np.percentile(times, 99))
                 row = ctx.add(1, "torch-latency", f"{name} {dtype} batch {batch}", "ok", p50_ms=p50, p99_ms=p99,
                               images_per_s=batch / (p50 / 1e3), min_cosine=cosine,
@@ -128,6 +129,33 @@ def _timed_on_device(ctx: Context, call: Callable[[], Any], repeats: int) -> lis
             call()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def _count_host_syncs(ctx: Context, learner: Any, fit: Callable[[], Any]) -> None:
+    """Host/GPU synchronisations per alignment step and per generator fit (torch's sync debug mode):
+    each one stalls the Python thread until the GPU has caught up."""
+    import math
+    import warnings
+
+    import torch
+
+    from cgil.learner import AlignConfig
+
+    counts = {}
+    learner.align_cfg = AlignConfig(epochs=1)
+    steps = math.ceil(learner.prompts.num_classes * learner.align_cfg.samples_per_class / learner.align_cfg.batch_size)
+    for name, fn, per in (("alignment step", lambda: learner.align(learner.replay_source(), seed=4), steps),
+                          ("batched VAE fit of 5 passes", fit, 1)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[name] = sum("synchronizing" in str(w.message) for w in caught) / per
+    for name, n in counts.items():
+        ctx.add(1, "update", f"host syncs per {name}", "ok", note=f"{n:.1f} (torch.cuda sync debug mode)")
 
 
 def step_update(ctx: Context) -> None:
@@ -173,6 +201,9 @@ def step_update(ctx: Context) -> None:
         align_s = time.perf_counter() - t0
         pred = (normalize(test.to(ctx.device)) @ learner.head().t()).argmax(1).cpu()
         results[mode] = {"fit_s": fit_s, "align_s": align_s, "accuracy": 100.0 * float((pred == labels).float().mean())}
+    if ctx.cuda:
+        small = GeneratorConfig(kind="vae", passes=5)  # syncs per fit at 5 passes: enough to see a per-step sync
+        _count_host_syncs(ctx, learner, lambda: make_generators(small, ids, dim).fit(train, seed=1))
     b, s = results["batched"], results["per-class loop"]
     speedup = s["fit_s"] / b["fit_s"]
     for mode, r in results.items():
