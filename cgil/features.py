@@ -76,9 +76,13 @@ def _embed_local(clip: FrozenClip, items: Sequence, batch_size: int, progress: P
     out = []
     total = len(items) if total is None else total
     workers = loader_workers(clip.device) if workers is None else workers
-    # Same batches in the same order as a plain loop: the features do not depend on `workers`.
+    # Same batches in the same order as a plain loop: the features do not depend on `workers`. The
+    # loader gets a generator of its own: it draws a worker seed at every iteration, and from the
+    # global RNG that draw would make a run that computes its features learn differently from one
+    # that reads them from the cache (resume would no longer be bit for bit).
     batches = torch.utils.data.DataLoader(_Preprocessed(items, clip.preprocess), batch_size=batch_size,
-                                          num_workers=workers, pin_memory=clip.device.type == "cuda")
+                                          num_workers=workers, pin_memory=clip.device.type == "cuda",
+                                          generator=torch.Generator())
     done = 0
     for batch in batches:
         out.append(clip.encode_images(batch).cpu())

@@ -296,3 +296,17 @@ def test_prompt_keys_know_their_truncation_length_without_reading_the_device():
     assert torch.equal(p.keys(), normalize(p.text(embeds, p.text.eot_positions(p.tokens))))
     p.load_learned_state(p.learned_state(), [5, 6, 7], ["dog", "cat", "a very long class name indeed"])
     assert p.eot_on_host == p.text.eot_positions(p.tokens).tolist()
+
+
+def test_feature_extraction_leaves_the_global_rng_alone():
+    """A run that computes its features must learn exactly like one that reads them from the cache."""
+    from cgil.clip import create_clip
+    from cgil.data import get_dataset
+    from cgil.features import embed_items
+
+    clip = create_clip("cgil-tiny", None, "cpu", 0)
+    items = get_dataset("digits").test.items[:8]
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    embed_items(clip, items, 4, workers=0)
+    assert torch.equal(torch.get_rng_state(), before)
