@@ -22,6 +22,11 @@ def step_tensorrt(ctx) -> None:
     from .latency import digits_pixels, zero_shot_keys
     from .latency_gpu import Unavailable, ort_cuda_session_or_raise, tensorrt_engine_or_raise
 
+    missing = _missing()
+    if len(missing) == 2:  # neither library: say so before minutes of export and calibration
+        for what, why in missing.items():
+            ctx.add(2, what, "all", "skipped", note=f"skipped: {why}")
+        return
     for name in (["cgil-tiny"] if ctx.quick else ["cgil-tiny", "ViT-B-16"]):
         clip = create_clip(name, None, "cpu", 0)
         cfg = preprocess_config(clip)
@@ -59,6 +64,23 @@ def step_tensorrt(ctx) -> None:
                 ctx.add(2, "ort-cuda", f"{name} ORT CUDA {precision}", "skipped", note=f"skipped: {why}")
                 continue
             _time_host(ctx, f"{name} ORT CUDA {precision}", session.embed, test)
+
+
+def _missing() -> dict[str, str]:
+    """Which of TensorRT and ONNX Runtime's CUDA provider cannot run here, and why."""
+    import onnxruntime as ort
+
+    from runtime.errors import CgilError
+    from runtime.tensorrt_build import require_tensorrt
+
+    out = {}
+    try:
+        require_tensorrt()
+    except CgilError as e:
+        out["tensorrt"] = str(e)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        out["ort-cuda"] = "onnxruntime-gpu not installed (onnxruntime has no CUDAExecutionProvider)"
+    return out
 
 
 def _time_host(ctx, item: str, embed: Callable[[np.ndarray], np.ndarray], test: np.ndarray) -> None:

@@ -87,3 +87,17 @@ def test_benchmark_modules_stay_below_400_lines():
     root = Path(__file__).parent.parent / "benchmarks"
     for name in ("latency.py", "latency_gpu.py", "gpu.py", "peaks.py"):
         assert len((root / name).read_text().splitlines()) < 400, name
+
+
+def test_part_two_says_what_is_missing_without_exporting_anything(tmp_path, capsys):
+    import onnxruntime as ort
+
+    from benchmarks import gpu
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    rows = gpu.main(["--device", "cpu", "--steps", "tensorrt", "--out", str(tmp_path)])
+    assert [(r["step"], r["status"]) for r in rows] == [("tensorrt", "skipped"), ("ort-cuda", "skipped")]
+    assert "pip install 'cgil[tensorrt]'" in rows[0]["note"]
+    assert rows[1]["note"] == "skipped: onnxruntime-gpu not installed (onnxruntime has no CUDAExecutionProvider)"
+    assert "tensorrt (all): skipped: TensorRT needs the optional extra" in capsys.readouterr().out
