@@ -150,10 +150,14 @@ class OnnxRuntimeImage:
 
 
 def tensorrt_usable() -> bool:
+    """TensorRT of the major cgil builds for, cuda-python and a GPU: what "auto" needs to pick TensorRT."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
 
-        from .tensorrt_build import import_cudart
+        from .tensorrt_build import TENSORRT_MAJOR, import_cudart
+
+        if not str(tensorrt.__version__).startswith(f"{TENSORRT_MAJOR}."):
+            return False  # another major: auto uses ONNX Runtime; --backend tensorrt says why
 
         cudart = import_cudart()
     except ImportError:
