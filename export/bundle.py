@@ -228,8 +228,14 @@ def check_engine(plan: bytes, image_hw: tuple[int, int], embed_dim: int, max_bat
     from runtime.tensorrt_backend import TensorRTEngine
 
     out = TensorRTEngine(plan, image_hw, embed_dim, max_batch).embed_all(pixels)
+    return gate_engine(precision, out, fp32, keys, min_agreement)
+
+
+def gate_engine(precision: str, out: np.ndarray, fp32: np.ndarray, keys: np.ndarray,
+                min_agreement: Optional[float] = None) -> dict:
+    """The check record of an engine's embeddings `out` against the fp32 ONNX graph's; CgilError if refused."""
     check = {"min_cosine_vs_fp32": ox.min_cosine(out, fp32), "top1_agreement_vs_fp32": top1_agreement(fp32, out, keys),
-             "images": len(pixels)}
+             "images": len(out)}
     least = ENGINE_MIN_COSINE.get(precision)
     if least is not None and not check["min_cosine_vs_fp32"] >= least:  # also catches NaN
         raise CgilError(f"TensorRT {precision} engine refused: min cosine with the fp32 ONNX graph "

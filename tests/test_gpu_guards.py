@@ -310,3 +310,28 @@ def test_feature_extraction_leaves_the_global_rng_alone():
     before = torch.get_rng_state()
     embed_items(clip, items, 4, workers=0)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_engine_gates_accept_a_faithful_fp16_engine_and_refuse_another_model(tiny_graphs):
+    """The gates `cgil export --format tensorrt` applies to its engine, fed real embeddings: ORT's fp16
+    graph stands in for a faithful fp16 engine, another model's graph for a broken one."""
+    from cgil.clip import create_clip
+    from export.bundle import gate_engine
+    from export.onnx_export import export_image
+
+    from benchmarks.latency import digits_pixels, zero_shot_keys
+    from runtime.backends import OnnxRuntimeImage
+
+    test, _ = digits_pixels(tiny_graphs["preprocess"], "test", 128)
+    keys = zero_shot_keys(tiny_graphs["clip"])
+    fp32 = OnnxRuntimeImage(tiny_graphs["fp32"], ["CPUExecutionProvider"]).embed(test)
+    fp16 = OnnxRuntimeImage(tiny_graphs["fp16"], ["CPUExecutionProvider"], "fp16").embed(test)
+    check = gate_engine("fp16", fp16, fp32, keys)
+    assert check["min_cosine_vs_fp32"] >= 0.999 and check["top1_agreement_vs_fp32"] >= 0.99 and check["images"] == len(test)
+    other_clip = create_clip("cgil-tiny", None, "cpu", 1)
+    other = export_image(other_clip, tiny_graphs["preprocess"], tiny_graphs["fp32"].parent / "other.onnx")
+    wrong = OnnxRuntimeImage(other, ["CPUExecutionProvider"]).embed(test)
+    with pytest.raises(CgilError, match=r"TensorRT fp16 engine refused: min cosine"):
+        gate_engine("fp16", wrong, fp32, keys)
+    with pytest.raises(CgilError, match=r"TensorRT int8 engine refused: top-1 agreement with fp32 .*< 99%"):
+        gate_engine("int8", wrong, fp32, keys, min_agreement=0.99)
