@@ -25,13 +25,16 @@ def register(app: typer.Typer) -> None:
         min_agreement: Optional[float] = typer.Option(
             None, help="Least top-1 agreement with fp32 on the test split (default 0.99 fp16, 0.95 int8)"),
         text: bool = typer.Option(True, "--text/--no-text", help="Include the text graphs (add class names on device)"),
+        triton_platform: str = typer.Option("onnxruntime", "--triton-platform",
+                                            help="onnxruntime | tensorrt: what --format triton's repository holds"),
         force: bool = typer.Option(False, "--force", help="Replace an existing bundle"),
     ):
         """Export a run's image/text paths and head to a verified deployment bundle."""
         from .bundle import export_bundle
 
         manifest = export_bundle(run_dir, out, format=format, precision=precision, max_batch=max_batch, force=force,
-                                 min_agreement=min_agreement, text=text, report=lambda line: console.print(line, highlight=False))
+                                 min_agreement=min_agreement, text=text, triton_platform=triton_platform,
+                                 report=lambda line: console.print(line, highlight=False))
         for name, check in manifest["checks"].items():
             console.print(f"check {name}: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
                                                         for k, v in check.items()), highlight=False)

@@ -335,3 +335,21 @@ def test_engine_gates_accept_a_faithful_fp16_engine_and_refuse_another_model(tin
         gate_engine("fp16", wrong, fp32, keys)
     with pytest.raises(CgilError, match=r"TensorRT int8 engine refused: top-1 agreement with fp32 .*< 99%"):
         gate_engine("int8", wrong, fp32, keys, min_agreement=0.99)
+
+
+def test_triton_with_a_tensorrt_plan_is_reachable_and_refused_clearly_without_tensorrt(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from runtime.backends import tensorrt_usable
+
+    if tensorrt_usable():
+        pytest.skip("TensorRT and a GPU are present")
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "t"), "--format", "triton",
+                                 "--triton-platform", "tensorrt"])
+    assert result.exit_code == 2 and "cgil[tensorrt]" in result.output
+    result = runner.invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "t"), "--format", "triton",
+                                 "--triton-platform", "tensorflow"])
+    assert result.exit_code == 2 and "unknown Triton platform 'tensorflow'" in result.output
+    assert not (tmp_path / "t").exists()
