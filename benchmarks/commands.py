@@ -19,6 +19,7 @@ BENCHMARKS = {
     "accuracy": "CGIL per generator vs zero-shot, joint and sequential; heatmaps and curves",
     "store": "replay-store bytes per class (fp32/fp16/int8) vs raw features/images, with accuracy",
     "serve": "HTTP serving latency before/during hot swaps, on-device update phases, store bytes, fp16 store effect",
+    "gpu": "every GPU path this machine has, checked and timed (torch CUDA, CUDA update, demo, torchrun, TensorRT)",
 }
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 

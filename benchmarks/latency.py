@@ -18,10 +18,11 @@ Runtime at the run's threads), next to the nominal ISA peak (cores x clock x FLO
 agreement of int8 with fp32 on the digits test split, with the zero-shot keys of the ten digit names
 (or the head of `--run RUN` for that run's model).
 
-Extending (issue 5): add an engine with `@engine("name")` (a factory returning `fn(pixels)`, or None
-where the engine is unavailable, e.g. CUDA on a CPU machine); models and batches are options. Each row
-records GFLOP/s and its share of the measured GEMM limit and of the nominal peak. GPU engines that
-cannot run here appear as rows marked "not measured", never as estimates.
+Extending (issue 5): add an engine with `@engine("name")` (a factory returning `fn(pixels)`, or raising
+latency_gpu.Unavailable where the engine cannot run, e.g. CUDA on a CPU machine); models and batches
+are options. Each row records GFLOP/s and, for CPU engines, its share of the measured GEMM limit and
+of the nominal peak. The GPU engines (torch CUDA fp32/fp16 with CUDA graphs, ORT CUDA fp32, TensorRT
+fp16) live in benchmarks/latency_gpu.py; where they cannot run, rows say "not measured: <why>".
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .common import machine, markdown_table, write_results
+from .latency_gpu import GPU_ENGINES, Unavailable
+from .peaks import gemm_peak, nominal_peak
 
 Embed = Callable[[np.ndarray], np.ndarray]
 ENGINES: dict[str, Callable[["ModelCase"], Optional[Embed]]] = {}
@@ -111,6 +114,8 @@ def _ort(precision: str):
 
 engine("ORT fp32")(_ort("fp32"))
 engine("ORT int8")(_ort("int8"))
+for _name, _factory in GPU_ENGINES.items():  # torch CUDA, ORT CUDA, TensorRT: benchmarks/latency_gpu.py
+    engine(_name)(_factory)
 
 
 def _percentile(sorted_ms: list[float], p: float) -> float:
@@ -168,67 +173,6 @@ def flops_per_image(graph, image_hw: tuple[int, int]) -> float:
     return float(counter.get_total_flops())
 
 
-# fp32 FLOP per cycle per core = FMA pipes x fp32 lanes per pipe x 2. Zen 3/4 (family 0x19): two 256-bit
-# FMA pipes (Zen 4 runs AVX-512 as 2 x 256 bit) -> 32; Zen 5 (0x1a): two 512-bit FMA pipes -> 64.
-_AMD_FLOP_PER_CYCLE = {0x17: 16, 0x19: 32, 0x1A: 64}
-
-
-def nominal_peak(threads: int) -> dict[str, Any]:
-    """threads x clock x fp32 FLOP/cycle from /proc/cpuinfo (the clock a VM reports: nominal, not boost)."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            k, _, v = line.partition(":")
-            info.setdefault(k.strip(), v.strip())
-    except OSError:
-        return {}
-    flags, mhz = set(info.get("flags", "").split()), float(info.get("cpu MHz", 0) or 0)
-    family = int(info.get("cpu family", 0) or 0)
-    if info.get("vendor_id") == "AuthenticAMD" and family in _AMD_FLOP_PER_CYCLE:
-        per_cycle, why = _AMD_FLOP_PER_CYCLE[family], f"AMD family {family:#x}: 2 FMA pipes"
-    elif "avx512f" in flags:  # Intel server cores with two 512-bit FMA units
-        per_cycle, why = 64, "AVX-512: 2 x 512-bit FMA"
-    elif "fma" in flags:
-        per_cycle, why = 32, "AVX2: 2 x 256-bit FMA"
-    else:
-        per_cycle, why = 8, "SSE"
-    return {"gflop_per_s": threads * mhz / 1e3 * per_cycle, "mhz": mhz, "flop_per_cycle": per_cycle, "threads": threads,
-            "basis": f"{threads} cores x {mhz / 1e3:.2f} GHz (/proc/cpuinfo) x {per_cycle} fp32 FLOP/cycle ({why})"}
-
-
-def gemm_peak(threads: int, sizes: tuple[int, ...] = (2048, 3072), tries: int = 5) -> dict[str, Any]:
-    """Attainable fp32 FLOP rate: best of `tries` square GEMMs in torch (oneDNN/MKL) and ONNX Runtime (MLAS)."""
-    import onnxruntime as ort
-    import torch
-    from onnx import TensorProto, helper, numpy_helper
-
-    torch.set_num_threads(threads)
-    rates: dict[str, float] = {}
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm",
-                                  [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
-                                  [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])],
-                                  [numpy_helper.from_array(b.numpy(), "B")])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
-                                    opts, providers=["CPUExecutionProvider"])
-        an = a.numpy()
-        for label, fn in (("torch", lambda: torch.mm(a, b)), ("onnxruntime", lambda: sess.run(None, {"A": an}))):
-            fn()
-            best = float("inf")
-            for _ in range(tries):
-                t0 = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - t0)
-            rates[f"{label} {n}^3"] = 2.0 * n ** 3 / best / 1e9
-    top = max(rates, key=rates.get)
-    return {"gflop_per_s": rates[top], "best": top, "rates": rates, "threads": threads,
-            "basis": f"best of {tries} fp32 square GEMMs (n = {', '.join(map(str, sizes))}) in torch and ONNX Runtime"}
-
-
 def digits_pixels(preprocess_cfg: dict, split: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     from cgil.data import get_dataset, load_image
     from runtime.preprocess import Preprocess
@@ -262,9 +206,6 @@ def run_keys(run_dir: Optional[str], model: str) -> Optional[np.ndarray]:
     return load_tensors(state / "head.safetensors")["keys"].float().numpy()
 
 
-GPU_ENGINES = ("torch cuda", "ORT CUDA fp32", "ORT CUDA int8", "TensorRT fp16")
-
-
 def bench_model(name: str, batches: list[int], engines: list[str], repeats: int, threads: int, workdir: Path,
                 calibration_images: int, run_dir: Optional[str], big_agreement_images: int = 200, *,
                 peak: Optional[dict] = None, nominal: Optional[dict] = None, cell_seconds: float = float("inf"),
@@ -286,8 +227,16 @@ def bench_model(name: str, batches: list[int], engines: list[str], repeats: int,
     test, _ = digits_pixels(cfg, "test")
     calibration, _ = digits_pixels(cfg, "train", calibration_images)
     case = ModelCase(name, clip, graph, cfg, workdir, calibration, threads, {}, gflop)
-    fns = {e: fn for e in engines if (fn := ENGINES[e](case)) is not None}
-    rows = []
+    fns, rows = {}, []
+    for e in engines:
+        try:
+            fn = ENGINES[e](case)
+        except Unavailable as why:  # a GPU engine on a machine without it: a row that says why, never an estimate
+            rows += [{"model": name, "batch": b, "engine": e, "note": f"not measured: {why}"} for b in batches]
+            print(f"  {name} {e}: not measured ({why})", flush=True)
+            continue
+        if fn is not None:
+            fns[e] = fn
     for batch in batches:
         if (name, batch) in skip:
             print(f"  {name} batch {batch}: skipped (--skip)", flush=True)
@@ -304,14 +253,12 @@ def bench_model(name: str, batches: list[int], engines: list[str], repeats: int,
                          "p99_ms": stats["p99_ms"], "ms_per_image": stats["p50_ms"] / batch,
                          "images_per_s": batch / (stats["p50_ms"] / 1e3), "speedup_vs_torch": base / stats["p50_ms"],
                          "gflop_per_s": rate,
-                         "pct_of_gemm_peak": 100.0 * rate / peak["gflop_per_s"] if peak else None,
-                         "pct_of_nominal_peak": 100.0 * rate / nominal["gflop_per_s"] if nominal else None,
+                         # the CPU limits say nothing about a GPU engine's rate
+                         "pct_of_gemm_peak": 100.0 * rate / peak["gflop_per_s"] if peak and e not in GPU_ENGINES else None,
+                         "pct_of_nominal_peak": (100.0 * rate / nominal["gflop_per_s"]
+                                                 if nominal and e not in GPU_ENGINES else None),
                          "runs": stats["runs"], "warmup": warmup, "load_1min_after": round(os.getloadavg()[0], 2)})
             print(f"  {name} batch {batch} {e}: {stats['p50_ms']:.2f} ms ({stats['runs']} runs)", flush=True)
-    for batch in batches:  # no GPU here: say so, never estimate
-        if not _gpu_available():
-            rows.append({"model": name, "batch": batch, "engine": "GPU (" + ", ".join(GPU_ENGINES) + ")",
-                         "note": "not measured (no GPU on this machine)"})
     # accuracy side of the trade: does int8 pick the same class as fp32 on the digits test split?
     keys = run_keys(run_dir, name)
     keys_from = "run head" if keys is not None else "zero-shot digit names"
@@ -328,15 +275,6 @@ def bench_model(name: str, batches: list[int], engines: list[str], repeats: int,
         if r["model"] == name:
             r.update({"gflop_per_image": gflop, **(agreement if "p50_ms" in r else {})})
     return rows
-
-
-def _gpu_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
 
 
 def _skip_cells(specs: list[str]) -> frozenset:
@@ -368,7 +306,8 @@ def _notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f"- 1-minute load average after each cell (JSON load_1min_after; this benchmark's own threads count, so "
              f"about {meta['threads']} when alone): max "
              f"{max((r['load_1min_after'] for r in rows if 'load_1min_after' in r), default=float('nan'))}.",
-             f"- Skipped cells: {meta['skip'] or 'none'}. GPU rows: not measured (no GPU on this machine).",
+             f"- Skipped cells: {meta['skip'] or 'none'}. GPU engines ({', '.join(GPU_ENGINES)}): rows marked "
+             "'not measured' say why where a GPU, onnxruntime-gpu or TensorRT is missing.",
              f"- Total time {meta['seconds']} s."]
     return "\n".join(lines) + "\n"
 

@@ -93,7 +93,10 @@ def create_clip(
         raise CgilError("--device cuda was asked for but CUDA is not available on this machine")
     weights_id = _resolve_weights(model, pretrained, seed)
     load = None if weights_id.startswith("random:") else pretrained
-    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+    # torch.manual_seed seeds every CUDA device too: fork their RNGs as well, or creating a model
+    # would reset the caller's global CUDA random stream.
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=gpus), _quiet_open_clip():
         torch.manual_seed(seed)
         clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=load, device=device)
     clip_model.eval().requires_grad_(False)

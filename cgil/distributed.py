@@ -61,15 +61,42 @@ def init_from_env(device: str = "cpu", timeout_s: float = 1800.0) -> bool:
     if cuda:
         if not torch.cuda.is_available():
             raise CgilError("--device cuda under torchrun, but CUDA is not available")
-        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(rank_gpu(device, local_rank(), local_world_size(), torch.cuda.device_count()))
     backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return is_distributed()
 
 
+def local_world_size() -> int:
+    try:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def rank_gpu(device: str, local_rank_: int, local_world: int, gpus: int) -> int:
+    """The GPU of this process under torchrun: GPU LOCAL_RANK, one process per GPU.
+
+    NCCL refuses two ranks on one GPU, and `--device cuda:N` would put every rank on GPU N: both are
+    refused here with what to run instead, before the process group hangs or fails.
+    """
+    if device != "cuda" and local_world > 1:
+        raise CgilError(f"--device {device} under torchrun would put all {local_world} processes on one GPU; "
+                        "pass --device cuda (each process takes GPU LOCAL_RANK) and choose GPUs with CUDA_VISIBLE_DEVICES")
+    if device.startswith("cuda:") and local_world == 1:
+        index = int(device.split(":", 1)[1])
+        if index >= gpus:
+            raise CgilError(f"--device {device}: only {gpus} GPU(s) visible")
+        return index
+    if local_world > gpus:
+        raise CgilError(f"torchrun started {local_world} processes per node but only {gpus} GPU(s) are visible; "
+                        f"NCCL needs one GPU per process: use --nproc-per-node {gpus} (or --device cpu with gloo)")
+    return local_rank_
+
+
 def process_device(device: str) -> str:
     """The device this process should use: 'cuda' becomes this rank's GPU under torchrun."""
-    if is_distributed() and device == "cuda":
+    if is_distributed() and device.startswith("cuda"):
         return f"cuda:{torch.cuda.current_device()}"
     return device
 

@@ -1,8 +1,10 @@
 """Frozen CLIP image embeddings, computed once and cached on disk.
 
-The cache key is (model, weights, dataset, split, classes of the task): rerunning a benchmark with
-another method, seed of the learner or generator reuses the same features. Embeddings are stored
-unnormalised, exactly as the image encoder returns them.
+The cache key is (model, weights, dataset, split, classes of the task), plus, for features computed
+on a GPU, the device, the card and its TF32 settings (CUDA's TF32 matmuls and convolutions change the
+features' low bits, so CPU and GPU features are never mixed); CPU keys are unchanged. Rerunning a
+benchmark with another method, seed of the learner or generator reuses the same features. Embeddings
+are stored unnormalised, exactly as the image encoder returns them.
 """
 from __future__ import annotations
 
@@ -27,7 +29,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CGIL_CACHE", Path.home() / ".cache" / "cgil"))
 
 
-def cache_key(clip: FrozenClip, dataset: ImageDataset, split: str, classes: Sequence[int]) -> str:
+def device_facts(device: torch.device) -> dict:
+    """What, besides the model, decides a GPU's features: the card and whether TF32 is on."""
+    if device.type != "cuda":
+        return {}
+    return {"device": "cuda", "gpu": torch.cuda.get_device_name(device),
+            "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32), "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def cache_key(clip: FrozenClip, dataset: ImageDataset, split: str, classes: Sequence[int],
+              device: Optional[dict] = None) -> str:
+    """`device`: the device facts to key on (default: those of clip.device, see device_facts)."""
     ident = {
         "model": clip.identity.model,
         "weights": clip.identity.weights_id,
@@ -35,25 +47,55 @@ def cache_key(clip: FrozenClip, dataset: ImageDataset, split: str, classes: Sequ
         "dataset": dataset.dataset_id,
         "split": split,
         "classes": sorted(int(c) for c in classes),
+        **(device_facts(clip.device) if device is None else device),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
+class _Preprocessed(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence, preprocess: Callable):
+        self.items, self.preprocess = items, preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.preprocess(load_image(self.items[i]))
+
+
+def loader_workers(device: torch.device) -> int:
+    """Image-loading processes: none on the CPU (the encoder needs the cores), several for a GPU,
+    which one process decoding and resizing images cannot keep busy."""
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def _embed_local(clip: FrozenClip, items: Sequence, batch_size: int, progress: Progress,
-                 scale: int = 1, total: Optional[int] = None) -> torch.Tensor:
+                 scale: int = 1, total: Optional[int] = None, workers: Optional[int] = None) -> torch.Tensor:
     out = []
     total = len(items) if total is None else total
-    for start in range(0, len(items), batch_size):
-        batch = torch.stack([clip.preprocess(load_image(it)) for it in items[start:start + batch_size]])
+    workers = loader_workers(clip.device) if workers is None else workers
+    # Same batches in the same order as a plain loop: the features do not depend on `workers`. The
+    # loader gets a generator of its own: it draws a worker seed at every iteration, and from the
+    # global RNG that draw would make a run that computes its features learn differently from one
+    # that reads them from the cache (resume would no longer be bit for bit).
+    batches = torch.utils.data.DataLoader(_Preprocessed(items, clip.preprocess), batch_size=batch_size,
+                                          num_workers=workers, pin_memory=clip.device.type == "cuda",
+                                          generator=torch.Generator())
+    done = 0
+    for batch in batches:
         out.append(clip.encode_images(batch).cpu())
+        done += len(batch)
         if progress:
-            progress(min(scale * min(start + batch_size, len(items)), total), total)
+            progress(min(scale * done, total), total)
     if not out:
         return torch.zeros(0, clip.identity.embed_dim)
     return torch.cat(out)
 
 
-def embed_items(clip: FrozenClip, items: Sequence, batch_size: int = 64, progress: Progress = None) -> torch.Tensor:
+def embed_items(clip: FrozenClip, items: Sequence, batch_size: int = 64, progress: Progress = None,
+                workers: Optional[int] = None) -> torch.Tensor:
     """(N, D) float32 CPU embeddings of images given as paths, arrays or PIL images.
 
     Under torchrun (torch.distributed initialised, world size > 1) every rank embeds a contiguous
@@ -61,10 +103,10 @@ def embed_items(clip: FrozenClip, items: Sequence, batch_size: int = 64, progres
     tensor one process would compute. Only rank 0 reports progress (its shard, scaled to the total).
     """
     if not distributed.is_distributed():
-        return _embed_local(clip, items, batch_size, progress)
+        return _embed_local(clip, items, batch_size, progress, workers=workers)
     start, stop = distributed.batch_shard(len(items), batch_size)
     local = _embed_local(clip, items[start:stop], batch_size, progress if distributed.is_main() else None,
-                         scale=distributed.world_size(), total=len(items))
+                         scale=distributed.world_size(), total=len(items), workers=workers)
     feats = distributed.all_gather_rows(local)
     if progress and distributed.is_main():
         progress(len(items), len(items))

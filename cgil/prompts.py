@@ -49,6 +49,7 @@ class PromptLearner(nn.Module):
         self.ctx = nn.Parameter(torch.zeros(0, n_ctx, width))
         self.class_ids: list[int] = []
         self.class_names: list[str] = []
+        self.eot_on_host: list[int] = []
         self.register_buffer("tokens", torch.zeros(0, text.tower.positional_embedding.shape[0], dtype=torch.long))
         self.register_buffer("zero_shot", torch.zeros(0, embed_dim))  # z_c, unnormalised
 
@@ -68,7 +69,11 @@ class PromptLearner(nn.Module):
         """
         dev = self.ctx.device
         new_ctx = torch.randn(len(class_ids), self.n_ctx, self.ctx.shape[-1], generator=generator) * 0.02
-        tokens = self.text.tokenize([self.prompt_text(n) for n in names]).to(dev)
+        tokens = self.text.tokenize([self.prompt_text(n) for n in names])
+        # EOT positions kept on the host: keys() truncates the text path to the longest one, and
+        # reading it from device tokens would sync the host with the GPU on every alignment step.
+        self.eot_on_host += self.text.eot_positions(tokens).tolist()
+        tokens = tokens.to(dev)
         z = (self.text.zero_shot(names) if zero_shot is None else zero_shot).to(dev)
         self.ctx = nn.Parameter(torch.cat([self.ctx.detach(), new_ctx.to(dev)]))
         self.tokens = torch.cat([self.tokens, tokens])
@@ -83,7 +88,8 @@ class PromptLearner(nn.Module):
         embeds = self.text.embed_tokens(tokens)
         g = self.generator(self.zero_shot[rows]).unsqueeze(1).to(embeds.dtype)
         embeds = torch.cat([embeds[:, :1], self.ctx[rows].to(embeds.dtype), g, embeds[:, 2 + self.n_ctx:]], dim=1)
-        return normalize(self.text(embeds, self.text.eot_positions(tokens)))
+        longest = max(self.eot_on_host[rows], default=0) if isinstance(rows, slice) else None
+        return normalize(self.text(embeds, self.text.eot_positions(tokens), longest))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.ctx, *self.generator.parameters()]
@@ -100,6 +106,7 @@ class PromptLearner(nn.Module):
         self.class_ids, self.class_names = [], []
         self.ctx = nn.Parameter(torch.zeros(0, self.n_ctx, self.ctx.shape[-1], device=self.ctx.device))
         self.tokens = self.tokens[:0]
+        self.eot_on_host = []
         self.zero_shot = self.zero_shot[:0]
         self.add_classes(class_ids, names, torch.Generator(), zero_shot=state.get("zero_shot"))
         self.ctx = nn.Parameter(state["ctx"].to(self.ctx.device))

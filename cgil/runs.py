@@ -28,9 +28,21 @@ def open_run(run_dir: Path) -> tuple[dict, Path]:
     return read_json(run_dir / "config.json"), current
 
 
-def evaluate_run(run_dir: Path, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> dict[str, Any]:
+def eval_device(trained_on: str, device: Optional[str] = None) -> str:
+    """Where to re-evaluate: `device` if given, else the run's device, else the CPU when the run was
+    trained on a GPU this machine lacks (the saved head and features are device-independent)."""
+    if device:
+        return device
+    if trained_on.startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
+    return trained_on
+
+
+def evaluate_run(run_dir: Path, dataset: Optional[str] = None, data_dir: Optional[str] = None,
+                 device: Optional[str] = None) -> dict[str, Any]:
     config, current = open_run(run_dir)
     cfg = TrainConfig.from_dict(config["settings"])
+    cfg.device = eval_device(cfg.device, device)
     verify_manifest(current)
     head_meta = read_json(current / "head.json")
     keys = load_tensors(current / "head.safetensors")["keys"]

@@ -7,7 +7,7 @@ full context length, at a fraction of the cost. Every text path in cgil goes thr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,9 +94,16 @@ class TextEncoder(nn.Module):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tower.token_embedding(tokens.to(self.tower.positional_embedding.device))
 
-    def forward(self, token_embeds: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        """Unnormalised text embeddings from (N, L, W) token embeddings and EOT positions (N,)."""
-        length = int(eot.max()) + 1 if self.truncate else token_embeds.shape[1]
+    def forward(self, token_embeds: torch.Tensor, eot: torch.Tensor, longest_eot: Optional[int] = None) -> torch.Tensor:
+        """Unnormalised text embeddings from (N, L, W) token embeddings and EOT positions (N,).
+
+        `longest_eot`: max(eot) when the caller knows it; reading it from a GPU tensor would stall
+        the host on every training step until the GPU has caught up.
+        """
+        if self.truncate:
+            length = (int(eot.max()) if longest_eot is None else longest_eot) + 1
+        else:
+            length = token_embeds.shape[1]
         return encode_embeds(self.tower, token_embeds[:, :length], eot)
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ state published after every task so that --resume continues from the last finish
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,22 @@ def validate(cfg: TrainConfig) -> None:
         raise CgilError(f"unknown device {cfg.device!r}; choose one of: cpu, cuda")
 
 
+def deterministic_cuda(device: str) -> None:
+    """Make CUDA training repeatable, which --resume's "same metrics, bit for bit" needs.
+
+    On the CPU every kernel cgil uses is deterministic already. On CUDA, attention's backward pass
+    and cuBLAS's split-K reductions are not by default: deterministic algorithms are switched on and
+    cuBLAS gets a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when its first handle is made, so
+    this runs before the model is created). warn_only: an op without a deterministic CUDA kernel
+    warns with its name instead of stopping the run; `cgil bench gpu` checks resume on CUDA.
+    """
+    if not str(device).startswith("cuda"):
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 @dataclass
 class RunContext:
     cfg: TrainConfig
@@ -81,6 +98,7 @@ class RunContext:
 
 def prepare(cfg: TrainConfig, out: Path, resume: bool, reporter: Reporter, cache_dir: Optional[Path]) -> RunContext:
     validate(cfg)
+    deterministic_cuda(cfg.device)
     dataset = get_dataset(cfg.dataset, cfg.data_dir)
     scenario = build_scenario(cfg, dataset)
     config_path = out / "config.json"

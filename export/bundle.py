@@ -34,6 +34,7 @@ from .quantize import to_fp16, to_int8, top1_agreement
 
 FORMATS = ("onnx", "tensorrt", "triton")
 PRECISIONS = ("fp32", "fp16", "int8")
+TRITON_PLATFORMS = ("onnxruntime", "tensorrt")  # what Triton runs: the ONNX graph, or a TensorRT plan
 # Least top-1 agreement with the fp32 graph on the test split before a reduced-precision export is refused.
 MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.99, "int8": 0.95}
 CHECK_IMAGES = 1024  # at most this many test images for the checks, calibration likewise from train
@@ -78,10 +79,12 @@ def _embed_torch(graph: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
 
 def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str = "fp32", max_batch: int = 32,
                   force: bool = False, min_agreement: Optional[float] = None, text: bool = True,
-                  report: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                  report: Callable[[str], None] = lambda s: None, triton_platform: str = "onnxruntime") -> dict[str, Any]:
     """Export RUN's current state to the bundle folder OUT; returns the bundle manifest.
 
     text=False leaves out the text graphs and tokenizer (a device that never adds class names).
+    triton_platform="tensorrt" (with format="triton"): the Triton repository holds a TensorRT plan,
+    built and gated as for format="tensorrt"; the bundle keeps image.onnx for the runtime's own backends.
     """
     run_dir, out = Path(run_dir), Path(out)
     if format not in FORMATS:
@@ -92,7 +95,10 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
         raise CgilError(f"--max-batch must be between 1 and 4096, got {max_batch}")
     if out.exists() and any(out.iterdir()) and not force:
         raise CgilError(f"{out} exists and is not empty; pass --force to replace it")
-    if format == "tensorrt":
+    if triton_platform not in TRITON_PLATFORMS:
+        raise CgilError(f"unknown Triton platform {triton_platform!r}; choose one of: {', '.join(TRITON_PLATFORMS)}")
+    trt = format == "tensorrt" or (format == "triton" and triton_platform == "tensorrt")
+    if trt:
         from runtime.tensorrt_build import require_tensorrt
 
         require_tensorrt()  # fail before minutes of export work, not after
@@ -145,7 +151,8 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
                 train_items = _subset(ds.train.items, ds.train.labels, CHECK_IMAGES)
                 report(f"  calibrating int8 on {len(train_items)} training images")
                 calib = _pixels(pre, train_items)
-                to_int8(fp32_path, image_path, [calib[i:i + 32] for i in range(0, len(calib), 32)])
+                to_int8(fp32_path, image_path, [calib[i:i + 32] for i in range(0, len(calib), 32)],
+                        target="tensorrt" if trt else "cpu")
             low = _embed_ort(image_path, test_pixels, precision)
             agreement = top1_agreement(fp32, low, keys)
             checks[f"image_{precision}"] = {"top1_agreement_vs_fp32": agreement,
@@ -161,15 +168,29 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
         text = _export_text(clip, learner, tmp, checks, report) if text else None
         engine: dict[str, Any] = {"image": IMAGE_ONNX}
         h, w = preprocess["size"]
-        if format == "tensorrt":
+        plan = None
+        if trt:
             from runtime.tensorrt_build import build_engine
 
+            from .tensorrt_check import require_tensorrt_compatible
+
+            require_tensorrt_compatible(image_path)  # a readable reason instead of a parser error log
             report(f"  building a TensorRT {precision} engine (batch 1..{max_batch})")
             plan, key = build_engine(image_path, precision, (h, w), max_batch)
+            checks["tensorrt"] = check_engine(plan, (h, w), clip.identity.embed_dim, max_batch, precision,
+                                              test_pixels, fp32, keys, min_agreement)
+            report(f"  TensorRT {precision} engine: min cosine vs ONNX fp32 {checks['tensorrt']['min_cosine_vs_fp32']:.5f}, "
+                   f"top-1 agreement {checks['tensorrt']['top1_agreement_vs_fp32']:.2%}")
+        if format == "tensorrt":
             (tmp / "tensorrt").mkdir()
             (tmp / "tensorrt" / "image.plan").write_bytes(plan)
             engine["tensorrt"] = {"plan": "tensorrt/image.plan", "key": key}
-        if format == "triton":
+        if format == "triton" and plan is not None:
+            from .triton import write_repository
+
+            write_repository(tmp / "triton", plan, (h, w), clip.identity.embed_dim, max_batch, tensorrt=True)
+            engine["triton"] = {"repository": "triton", "model": "cgil_image", "platform": "tensorrt_plan", "key": key}
+        elif format == "triton":
             from .triton import write_repository
 
             model_file = write_repository(tmp / "triton", image_path.read_bytes(), (h, w), clip.identity.embed_dim, max_batch)
@@ -207,6 +228,36 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
         raise
     report(f"bundle written to {out}")
     return manifest
+
+
+# Least cosine of a TensorRT engine's embeddings with the fp32 ONNX graph's, per precision. int8 is
+# gated by top-1 agreement alone (as the int8 ONNX graph is): its cosines vary with calibration.
+ENGINE_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
+
+
+def check_engine(plan: bytes, image_hw: tuple[int, int], embed_dim: int, max_batch: int, precision: str,
+                 pixels: np.ndarray, fp32: np.ndarray, keys: np.ndarray, min_agreement: Optional[float] = None) -> dict:
+    """Run a freshly built TensorRT engine on the test images: the same gates as the ONNX graphs."""
+    from runtime.tensorrt_backend import TensorRTEngine
+
+    out = TensorRTEngine(plan, image_hw, embed_dim, max_batch).embed_all(pixels)
+    return gate_engine(precision, out, fp32, keys, min_agreement)
+
+
+def gate_engine(precision: str, out: np.ndarray, fp32: np.ndarray, keys: np.ndarray,
+                min_agreement: Optional[float] = None) -> dict:
+    """The check record of an engine's embeddings `out` against the fp32 ONNX graph's; CgilError if refused."""
+    check = {"min_cosine_vs_fp32": ox.min_cosine(out, fp32), "top1_agreement_vs_fp32": top1_agreement(fp32, out, keys),
+             "images": len(out)}
+    least = ENGINE_MIN_COSINE.get(precision)
+    if least is not None and not check["min_cosine_vs_fp32"] >= least:  # also catches NaN
+        raise CgilError(f"TensorRT {precision} engine refused: min cosine with the fp32 ONNX graph "
+                        f"{check['min_cosine_vs_fp32']:.6f} < {least}")
+    needed = MIN_AGREEMENT[precision] if min_agreement is None else min_agreement
+    if not check["top1_agreement_vs_fp32"] >= needed:
+        raise CgilError(f"TensorRT {precision} engine refused: top-1 agreement with fp32 "
+                        f"{check['top1_agreement_vs_fp32']:.2%} < {needed:.0%}")
+    return check
 
 
 def _export_text(clip: FrozenClip, learner, tmp: Path, checks: dict, report) -> Optional[dict[str, Any]]:

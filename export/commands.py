@@ -25,13 +25,16 @@ def register(app: typer.Typer) -> None:
         min_agreement: Optional[float] = typer.Option(
             None, help="Least top-1 agreement with fp32 on the test split (default 0.99 fp16, 0.95 int8)"),
         text: bool = typer.Option(True, "--text/--no-text", help="Include the text graphs (add class names on device)"),
+        triton_platform: str = typer.Option("onnxruntime", "--triton-platform",
+                                            help="onnxruntime | tensorrt: what --format triton's repository holds"),
         force: bool = typer.Option(False, "--force", help="Replace an existing bundle"),
     ):
         """Export a run's image/text paths and head to a verified deployment bundle."""
         from .bundle import export_bundle
 
         manifest = export_bundle(run_dir, out, format=format, precision=precision, max_batch=max_batch, force=force,
-                                 min_agreement=min_agreement, text=text, report=lambda line: console.print(line, highlight=False))
+                                 min_agreement=min_agreement, text=text, triton_platform=triton_platform,
+                                 report=lambda line: console.print(line, highlight=False))
         for name, check in manifest["checks"].items():
             console.print(f"check {name}: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
                                                         for k, v in check.items()), highlight=False)
@@ -48,6 +51,7 @@ def register(app: typer.Typer) -> None:
         passes: Optional[int] = typer.Option(None, help="Generator passes over each new class's features (default: the store's)"),
         seed: int = typer.Option(1992, help="Seed of the new prompts, generators and alignment"),
         store_precision: str = typer.Option("fp32", "--store-precision", help="fp32 | fp16: how the replay store is written"),
+        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N: where --data fits generators and realigns"),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
     ):
         """Learn new classes on the device and publish them as a new head version (atomic).
@@ -78,7 +82,7 @@ def register(app: typer.Typer) -> None:
             from .update import update_from_images
 
             result = update_from_images(bundle, data, epochs=epochs, lr=lr, passes=passes, seed=seed,
-                                        store_precision=store_precision,
+                                        store_precision=store_precision, device=device,
                                         report=lambda s: typer.echo(s, err=as_json) if as_json else console.print(s, highlight=False))
         if as_json:
             typer.echo(json.dumps(result))

@@ -48,7 +48,9 @@ class ImageGraph(nn.Module):
         self.register_buffer("shift", (mean_t / std_t).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).float() * self.scale - self.shift
+        # Cast before the transpose: TensorRT accepts uint8 only as a network input/output, so the
+        # first op on the pixels must be the cast (a uint8 Transpose is rejected by its ONNX parser).
+        x = pixels.float().permute(0, 3, 1, 2) * self.scale - self.shift
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
 
 

@@ -51,7 +51,13 @@ class _Calibration:
         pass
 
 
-def to_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> Path:
+# Where the int8 graph will run. ONNX Runtime's CPU kernels are fastest with asymmetric uint8
+# activations (u8s8 GEMMs); TensorRT accepts only symmetric int8 Q/DQ (zero point 0) and no int32
+# bias DequantizeLinear, so a graph for a TensorRT engine quantizes activations as symmetric int8.
+INT8_TARGETS = ("cpu", "tensorrt")
+
+
+def to_int8(src: Path, dst: Path, calibration: list[np.ndarray], target: str = "cpu") -> Path:
     """Static int8 (QDQ, per-channel weights) of the transformer's weight matmuls.
 
     Activations are calibrated on real images (the run's training split): MinMax ranges of the
@@ -59,12 +65,17 @@ def to_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> Path:
     first and last layers (patch embedding, output projection) and the activation x activation
     attention products: quantizing those cost 4-5 points of top-1 agreement with fp32 on digits
     for a few percent of the FLOPs.
+
+    target="tensorrt": int8 activations with zero point 0 and float biases (see INT8_TARGETS).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not calibration:
         raise CgilError("int8 export needs calibration images (the run's training split is empty)")
+    if target not in INT8_TARGETS:
+        raise CgilError(f"unknown int8 target {target!r}; choose one of: {', '.join(INT8_TARGETS)}")
+    symmetric = target == "tensorrt"
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # Shape inference + graph cleanup first, as ONNX Runtime recommends before quantizing.
@@ -75,11 +86,13 @@ def to_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> Path:
             op_types_to_quantize=["MatMul", "Gemm"],
             nodes_to_exclude=_float_nodes(prepared),
             per_channel=True,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             # MinMax keeps only per-tensor ReduceMin/ReduceMax per batch: memory stays small for a ViT-B.
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                           # Biases stay float for TensorRT (it has no int32 DequantizeLinear).
+                           **({"QuantizeBias": False} if symmetric else {})},
         )
     check_onnx(dst)
     return dst

@@ -16,7 +16,10 @@ MODEL_NAME = "cgil_image"
 def config_pbtxt(image_hw: tuple[int, int], embed_dim: int, max_batch: int, platform: str = "onnxruntime_onnx",
                  input_name: str = "pixels", output_name: str = "image_embedding") -> str:
     h, w = image_hw
-    preferred = sorted({b for b in (1, 2, 4, 8, 16, 32, max_batch) if b <= max_batch})
+    # No 1 among the preferred sizes: Triton sends a batch as soon as it reaches a preferred size,
+    # so a preferred 1 dispatches every single-image request alone and the queue delay never batches.
+    preferred = sorted({b for b in (2, 4, 8, 16, 32, max_batch) if 1 < b <= max_batch})
+    batching = (f"preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n  " if preferred else "")
     return f"""name: "{MODEL_NAME}"
 platform: "{platform}"
 max_batch_size: {max_batch}
@@ -35,8 +38,7 @@ output [
   }}
 ]
 dynamic_batching {{
-  preferred_batch_size: [ {", ".join(map(str, preferred))} ]
-  max_queue_delay_microseconds: 500
+  {batching}max_queue_delay_microseconds: 500
 }}
 instance_group [
   {{

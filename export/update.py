@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,10 +90,10 @@ def embed_images(bundle: Path, folders: list[tuple[str, list[Path]]], report: Re
 
 
 def load_bundle_learner(manifest: BundleManifest, src: Path, epochs: Optional[int],
-                        lr: Optional[float]) -> tuple[Learner, AlignConfig]:
-    """The learner of a head version, on the CPU, with the recorded alignment settings unless overridden."""
+                        lr: Optional[float], device: str = "cpu") -> tuple[Learner, AlignConfig]:
+    """The learner of a head version, on `device`, with the recorded alignment settings unless overridden."""
     ident = manifest.identity
-    clip = create_clip(ident.model, ident.pretrained, "cpu", ident.random_seed)
+    clip = create_clip(ident.model, ident.pretrained, device, ident.random_seed)
     align_cfg = AlignConfig(**head_meta(src).get("align", {}))
     if epochs is not None:
         align_cfg.epochs = epochs
@@ -179,10 +180,17 @@ def publish_update(root: Path, version: int, learner: Learner, head: Head, manif
 
 def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epochs: Optional[int] = None,
                        lr: Optional[float] = None, passes: Optional[int] = None, seed: int = 1992,
-                       store_precision: str = "fp32", report: Report = lambda s: None) -> dict[str, Any]:
-    """Learn the classes in DATA/<class>/ and publish a new head version. Returns timings and the version."""
+                       store_precision: str = "fp32", report: Report = lambda s: None,
+                       device: str = "cpu") -> dict[str, Any]:
+    """Learn the classes in DATA/<class>/ and publish a new head version. Returns timings and the version.
+
+    `device` runs the generators and the alignment (text tower) there: cpu, cuda or cuda:N. What is
+    published is the same files either way (tensors are written from the CPU).
+    """
     if store_precision not in STORE_PRECISIONS:
         raise CgilError(f"unknown store precision {store_precision!r}; choose one of: {', '.join(STORE_PRECISIONS)}")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise CgilError(f"unknown device {device!r}; choose one of: cpu, cuda, cuda:N")
     bundle = Path(bundle)
     timings = {p: 0.0 for p in PHASES}
     folders = class_folders(data)
@@ -203,7 +211,7 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
         timings["features"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        learner, align_cfg = load_bundle_learner(manifest, src, epochs, lr)
+        learner, align_cfg = load_bundle_learner(manifest, src, epochs, lr, device)
         timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -221,7 +229,7 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
 
         t0 = time.perf_counter()
         record = {"kind": "images", "added": names, "class_ids": new_ids, "images": images.counts,
-                  "from_version": head.version, "seed": seed, "store_precision": store_precision,
+                  "from_version": head.version, "seed": seed, "store_precision": store_precision, "device": device,
                   "generator_passes": learner.gen_cfg.passes, "generator_stats": _jsonable(stats),
                   "align_stats": align_stats, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         final, meta = publish_update(root, version, learner, head, manifest, images, new_ids, record)

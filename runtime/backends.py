@@ -18,8 +18,28 @@ if TYPE_CHECKING:
     from .bundle import BundleManifest
 
 BUILTIN_BACKENDS = ("auto", "onnxruntime", "tensorrt")
-# Fastest first; ONNX Runtime falls back down this list for the nodes a provider cannot run.
-PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# What "auto" asks ONNX Runtime for, fastest first. Not the TensorRT EP: it compiles an engine on the
+# first request of every new shape unless given a cache and profiles; native TensorRT is the
+# "tensorrt" backend, and the TensorRT EP is used only when asked for by name (with both, see below).
+PROVIDER_PREFERENCE = ("CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def onnxruntime_conflict() -> Optional[str]:
+    """Both onnxruntime and onnxruntime-gpu installed: they write one `onnxruntime` package, and
+    whichever was installed last wins, so the CUDA provider can vanish without an error."""
+    from importlib import metadata
+
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    if len(found) < 2:
+        return None
+    return (f"both {' and '.join(found)} are installed and overwrite each other; keep one: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
 
 
 def choose_providers(requested: Optional[Sequence[str]] = None) -> list[str]:
@@ -29,16 +49,72 @@ def choose_providers(requested: Optional[Sequence[str]] = None) -> list[str]:
     if requested:
         missing = [p for p in requested if p not in available]
         if missing:
-            raise CgilError(f"ONNX Runtime provider(s) {', '.join(missing)} not installed; available: {', '.join(available)}")
+            conflict = onnxruntime_conflict()
+            raise CgilError(f"ONNX Runtime provider(s) {', '.join(missing)} not installed; available: {', '.join(available)}"
+                            + (f" ({conflict})" if conflict else ""))
         return list(requested)
     return [p for p in PROVIDER_PREFERENCE if p in available] or list(available)
 
 
-def ort_session(path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0,
-                spinning: bool = True):
+def preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* pip wheels (ORT >= 1.21), so that the torch-free runtime finds
+    them as torch would; with system-wide CUDA libraries this finds nothing and changes nothing."""
     import onnxruntime as ort
 
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # libraries elsewhere (system CUDA): session creation reports what is missing
+            pass
+
+
+def provider_options(provider: str, precision: str, input_name: Optional[str] = None,
+                     image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None,
+                     cache_dir: Optional[Path] = None) -> dict[str, object]:
+    """The TensorRT EP's options: engine and timing caches on disk, a batch profile 1..max_batch, and
+    the precision of the graph, so no request ever waits for an engine build after the first start."""
+    if provider != "TensorrtExecutionProvider":
+        return {}
+    import os
+
+    cache = Path(cache_dir or Path(os.environ.get("CGIL_CACHE") or Path.home() / ".cache" / "cgil") / "ort-tensorrt")
+    cache.mkdir(parents=True, exist_ok=True)
+    opts: dict[str, object] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+                               "trt_fp16_enable": precision in ("fp16", "int8"), "trt_int8_enable": precision == "int8"}
+    if input_name and image_hw and max_batch:
+        h, w = image_hw
+        shape = lambda b: f"{input_name}:{b}x{h}x{w}x3"  # noqa: E731
+        opts.update({"trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(max(1, max_batch // 2)),
+                     "trt_profile_max_shapes": shape(max_batch)})
+    return opts
+
+
+def check_providers(path: Path, asked: Sequence[str], got: Sequence[str], explicit: bool) -> None:
+    """ONNX Runtime drops a provider it cannot start (missing CUDA/cuDNN/TensorRT libraries) and runs
+    on the CPU without an error: refuse that when the provider was asked for, say so when it was "auto"."""
+    dropped = [p for p in asked if p not in got]
+    if not dropped:
+        return
+    conflict = onnxruntime_conflict()
+    why = (f"ONNX Runtime could not start {', '.join(dropped)} for {Path(path).name} and fell back to "
+           f"{', '.join(got)} (missing CUDA/cuDNN/TensorRT libraries?"
+           + (f" {conflict}" if conflict else "") + ")")
+    if explicit:
+        raise CgilError(why)
+    import sys
+
+    print(f"warning: {why}", file=sys.stderr)
+
+
+def ort_session(path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0,
+                spinning: bool = True, image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None):
+    import onnxruntime as ort
+
+    explicit = bool(providers)
     providers = choose_providers(providers)
+    if any(p in GPU_PROVIDERS for p in providers):
+        preload_cuda_libraries()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
@@ -47,18 +123,23 @@ def ort_session(path: Path, providers: Optional[Sequence[str]] = None, precision
     if precision == "fp16" and providers[0] == "CPUExecutionProvider":
         # ORT's CPU layout-level fusions crash on fp16 transformer graphs (seen with 1.32): stop one level below.
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    from .format import IMAGE_INPUT
+
+    options = [provider_options(p, precision, IMAGE_INPUT, image_hw, max_batch) for p in providers]
     try:
-        return ort.InferenceSession(str(path), opts, providers=providers)
+        session = ort.InferenceSession(str(path), opts, providers=providers, provider_options=options)
     except Exception as e:  # onnxruntime raises its own pybind exception types
         raise CgilError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from e
+    check_providers(path, providers, session.get_providers(), explicit)
+    return session
 
 
 class OnnxRuntimeImage:
     name = "onnxruntime"
 
     def __init__(self, path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0,
-                 spinning: bool = True):
-        self.session = ort_session(path, providers, precision, threads, spinning)
+                 spinning: bool = True, image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None):
+        self.session = ort_session(path, providers, precision, threads, spinning, image_hw, max_batch)
         self.providers = self.session.get_providers()
         inp = self.session.get_inputs()[0]
         self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name
@@ -69,10 +150,14 @@ class OnnxRuntimeImage:
 
 
 def tensorrt_usable() -> bool:
+    """TensorRT of the major cgil builds for, cuda-python and a GPU: what "auto" needs to pick TensorRT."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
 
-        from .tensorrt_build import import_cudart
+        from .tensorrt_build import TENSORRT_MAJOR, import_cudart
+
+        if not str(tensorrt.__version__).startswith(f"{TENSORRT_MAJOR}."):
+            return False  # another major: auto uses ONNX Runtime; --backend tensorrt says why
 
         cudart = import_cudart()
     except ImportError:
@@ -116,7 +201,8 @@ def make_backend(backend: Union[str, ImageBackend], bundle: Path, manifest: "Bun
     if name == "auto":
         name = "tensorrt" if manifest.engine.get("tensorrt") and tensorrt_usable() else "onnxruntime"
     if name == "onnxruntime":
-        return OnnxRuntimeImage(manifest.image_engine, providers, manifest.precision, threads)
+        return OnnxRuntimeImage(manifest.image_engine, providers, manifest.precision, threads,
+                                image_hw=tuple(manifest.preprocess["size"]), max_batch=manifest.max_batch)
     from .tensorrt_backend import TensorRTImage
 
     return TensorRTImage(bundle, manifest)

@@ -24,24 +24,22 @@ def _check(result):
     return values[0] if len(values) == 1 else values
 
 
-class TensorRTImage:
+class TensorRTEngine:
+    """A deserialized image engine with device buffers for max_batch: uint8 NHWC in, float32 (N, D) out.
+
+    Built from plan bytes alone, so `cgil export --format tensorrt` runs the engine it has just built
+    on the test images (the same gates as the ONNX graphs) before it ships the bundle.
+    """
+
     name = "tensorrt"
 
-    def __init__(self, bundle: Path, manifest: BundleManifest):
-        from .tensorrt_build import build_engine, gpu_name, require_tensorrt
+    def __init__(self, plan: bytes, image_hw: tuple[int, int], embed_dim: int, max_batch: int):
+        from .tensorrt_build import require_tensorrt
 
         trt, cudart = require_tensorrt()
         self.trt, self.cudart = trt, cudart
-        engine_info = manifest.engine
-        h, w = manifest.preprocess["size"]
-        precision = manifest.precision
-        self.max_batch = manifest.max_batch
-        plan_info = engine_info.get("tensorrt") or {}
-        key = plan_info.get("key", {})
-        if plan_info and key.get("tensorrt") == trt.__version__ and key.get("gpu") == gpu_name():
-            plan = inside(bundle, plan_info["plan"], "TensorRT plan").read_bytes()
-        else:  # another TensorRT or GPU than the one that built the bundle's plan
-            plan, _ = build_engine(manifest.image_engine, key.get("precision", precision), (h, w), self.max_batch)
+        h, w = image_hw
+        self.max_batch = max_batch
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
@@ -51,7 +49,7 @@ class TensorRTImage:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.embed_dim = manifest.identity.embed_dim
+        self.embed_dim = embed_dim
         self.image_hw = (h, w)
         self.stream = _check(cudart.cudaStreamCreate())
         # Device buffers sized once for max_batch; every call reuses them.
@@ -81,6 +79,11 @@ class TensorRTImage:
             _check(cudart.cudaStreamSynchronize(self.stream))
         return out
 
+    def embed_all(self, pixels: np.ndarray) -> np.ndarray:
+        """Any number of images, in chunks of max_batch."""
+        parts = [self.embed(pixels[i:i + self.max_batch]) for i in range(0, len(pixels), self.max_batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.embed_dim), np.float32)
+
     def __del__(self):
         try:
             self.cudart.cudaFree(self.d_in)
@@ -88,3 +91,21 @@ class TensorRTImage:
             self.cudart.cudaStreamDestroy(self.stream)
         except Exception:
             pass
+
+
+class TensorRTImage(TensorRTEngine):
+    """The bundle's engine: its own plan when it was built for this TensorRT and GPU, else rebuilt."""
+
+    def __init__(self, bundle: Path, manifest: BundleManifest):
+        from .tensorrt_build import build_engine, gpu_name, require_tensorrt
+
+        trt, _ = require_tensorrt()
+        h, w = manifest.preprocess["size"]
+        plan_info = manifest.engine.get("tensorrt") or {}
+        key = plan_info.get("key", {})
+        if plan_info and key.get("tensorrt") == trt.__version__ and key.get("gpu") == gpu_name():
+            plan = inside(bundle, plan_info["plan"], "TensorRT plan").read_bytes()
+        else:  # another TensorRT or GPU than the one that built the bundle's plan
+            plan, _ = build_engine(manifest.image_engine, key.get("precision", manifest.precision), (h, w),
+                                   manifest.max_batch)
+        super().__init__(plan, (h, w), manifest.identity.embed_dim, manifest.max_batch)

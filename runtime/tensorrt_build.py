@@ -1,13 +1,19 @@
 """Building TensorRT engines for the image graph (optional extra: `pip install cgil[tensorrt]`).
 
 Written against the TensorRT 10 Python API (builder + ONNX parser + optimisation profile + timing
-cache). A serialized engine only runs on the TensorRT version and GPU that built it, so engines are
+cache), pinned to one major: TensorRT 11 drops BuilderFlag.FP16/INT8 (deprecated since 10.12) and
+onnxruntime-gpu links libnvinfer.so.10. Networks are built strongly typed: the fp16 graph carries its
+half-precision types and the int8 graph its Q/DQ nodes, so no precision flags are set and TensorRT
+cannot silently pick other precisions than the ones of the checked ONNX graph.
+
+A serialized engine only runs on the TensorRT version and GPU that built it, so engines are
 cached under a key of (ONNX sha256, TensorRT version, GPU name, precision, profile): a new driver
 stack or another GPU finds no entry and rebuilds from the bundled ONNX instead of failing to
 deserialize. Engine building is device work: the runtime's TensorRT backend (re)builds here on the
 device, and `cgil export --format tensorrt` builds through the same function. Nothing here imports torch.
 
-Verified where: see the README. No development machine has a GPU, so this module's tests skip.
+Verified where: docs/gpu.md. No development machine has a GPU or TensorRT: the graphs are checked
+statically (export/tensorrt_check.py) and `cgil bench gpu` builds and gates engines where TensorRT is.
 """
 from __future__ import annotations
 
@@ -31,6 +37,21 @@ def import_cudart():
     return cudart
 
 
+TENSORRT_MAJOR = 10  # = pyproject's tensorrt extra (tensorrt>=10,<11)
+
+
+def check_tensorrt_version(version: str) -> None:
+    """Refuse any TensorRT but the major this module is written for, with what to install."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        major = -1
+    if major != TENSORRT_MAJOR:
+        raise CgilError(f"cgil builds engines with TensorRT {TENSORRT_MAJOR}.x, found TensorRT {version}: "
+                        f"pip install 'tensorrt>={TENSORRT_MAJOR},<{TENSORRT_MAJOR + 1}' "
+                        "(the major onnxruntime-gpu links, libnvinfer.so.10)")
+
+
 def require_tensorrt():
     try:
         import tensorrt as trt
@@ -39,6 +60,7 @@ def require_tensorrt():
     except ImportError as e:
         raise CgilError("TensorRT needs the optional extra: pip install 'cgil[tensorrt]' "
                         f"(tensorrt + cuda-python) and an NVIDIA GPU ({e})") from e
+    check_tensorrt_version(trt.__version__)
     err, count = cudart.cudaGetDeviceCount()
     if int(err) != 0 or count == 0:
         raise CgilError("TensorRT is installed but no CUDA GPU is visible")
@@ -82,17 +104,15 @@ def build_engine(onnx_path: Path, precision: str, image_hw: tuple[int, int], max
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    # Strongly typed (TensorRT 10: explicit batch is the only mode): layer precisions are the graph's.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CgilError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        # int8 comes from the Q/DQ nodes of the int8 ONNX graph (explicit quantization): no calibrator.
-        config.set_flag(trt.BuilderFlag.INT8)
+    # No FP16/INT8 builder flags: a strongly typed network refuses them. fp16 comes from the fp16
+    # graph's types, int8 from the Q/DQ nodes of the int8 graph (explicit quantization, no calibrator).
     h, w = image_hw
     profile = builder.create_optimization_profile()
     p = key["profile"]

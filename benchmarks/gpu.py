@@ -1,0 +1,308 @@
+"""`cgil bench gpu`: check and time every GPU path this machine has, in one command (<= 8 min on one H100).
+
+    cgil bench gpu                      # everything this machine can run; the rest says why not
+    cgil bench gpu --dry-run            # no GPU work: lists every step as "skipped: no GPU" (the tests run this)
+    cgil bench gpu --device cpu --quick # the same steps at toy sizes on the CPU: checks the script itself
+
+Part 1 needs only PyTorch with CUDA (plus small wheels: open_clip, typer, fastapi, ...):
+  torch-latency  image graph of cgil-tiny and ViT-B-16 in fp32 and fp16 with CUDA graphs, batches 1/8/32,
+                 p50/p99 from CUDA events around device-resident batches (targets: ViT-B-16 fp16
+                 >= 6,000 images/s at batch 32, <= 3 ms at batch 1)
+  update         a CUDA task update: 20 new classes, D = 512, VAE 500 passes, alignment 60 epochs on the
+                 ViT-B-16 text tower; batched generators against a per-class loop, with both accuracies
+                 (target: batched >= 10x faster, same accuracy)
+  demo           the digits demo end to end: cgil train --device cuda, cgil export, cgil update --device cuda
+  torchrun       feature extraction under torchrun, 1 process, NCCL (embeddings equal to one process)
+  resume         a CUDA run stopped after task 1 and resumed ends with the same metrics, bit for bit
+Part 2 needs TensorRT 10 and/or onnxruntime-gpu (not on our borrowed GPU machines):
+  tensorrt       fp16 and int8 engines of cgil-tiny and ViT-B-16 (static check, build, gates against ORT
+                 CPU fp32: min cosine >= 0.999 for fp16, top-1 agreement >= 99%), timed next to ORT CUDA
+Results: benchmarks/results/gpu-<card>.{json,md}; a failing step is recorded and the next one runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .common import log, machine, markdown_table, write_results
+
+TARGETS = {"images_per_s_batch32": 6000.0, "p50_ms_batch1": 3.0, "update_speedup": 10.0}
+COLUMNS = ["part", "step", "item", "status", "p50_ms", "p99_ms", "images_per_s", "seconds", "speedup_x",
+           "accuracy", "min_cosine", "top1_agreement", "target", "note"]
+
+
+@dataclass
+class Context:
+    device: str
+    quick: bool
+    work: Path
+    deadline: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def add(self, part: int, step: str, item: str, status: str, **values: Any) -> dict[str, Any]:
+        row = {"part": part, "step": step, "item": item, "status": status, **values}
+        self.rows.append(row)
+        log(f"  [{step}] {item}: {status}" + (f" ({values['note']})" if values.get("note") else ""))
+        return row
+
+
+# ---------------------------------------------------------------- part 1: PyTorch on CUDA
+
+def step_torch_latency(ctx: Context) -> None:
+    import torch
+
+    from cgil.clip import create_clip, preprocess_config
+    from export.onnx_export import ImageGraph, min_cosine
+
+    from .latency import digits_pixels
+    from .latency_gpu import TorchCudaEmbedder
+
+    models = ["cgil-tiny"] if ctx.quick else ["cgil-tiny", "ViT-B-16"]
+    batches, repeats = ([1, 8], 5) if ctx.quick else ([1, 8, 32], 50)
+    for name in models:
+        clip = create_clip(name, None, "cpu", 0)
+        cfg = preprocess_config(clip)
+        graph = ImageGraph(clip.model, cfg["mean"], cfg["std"]).eval()
+        test, _ = digits_pixels(cfg, "test", 64)
+        inputs = {b: np.ascontiguousarray(np.resize(test, (b, *test.shape[1:]))) for b in batches}
+        with torch.no_grad():  # CPU fp32 once per batch: the numbers every GPU variant must match
+            references = {b: graph(torch.from_numpy(x)).numpy() for b, x in inputs.items()}
+        for dtype in ("fp32", "fp16"):
+            if not ctx.cuda and dtype == "fp16":
+                continue  # the CPU smoke run checks the timing code, not half precision on a CPU
+            runner = TorchCudaEmbedder(graph, dtype) if ctx.cuda else None
+            for batch in batches:
+                x = torch.from_numpy(inputs[batch]).to(ctx.device)
+                call = (lambda: runner.on_device(x)) if runner else (lambda: graph(x))
+                with torch.no_grad():
+                    times = _timed_on_device(ctx, call, repeats)
+                    cosine = min_cosine(call().float().cpu().numpy(), references[batch])
+                p50, p99 = float(np.median(times)), float(np.percentile(times, 99))
+                row = ctx.add(1, "torch-latency", f"{name} {dtype} batch {batch}", "ok", p50_ms=p50, p99_ms=p99,
+                              images_per_s=batch / (p50 / 1e3), min_cosine=cosine,
+                              note=(runner.mode if runner else "CPU eager") + (f"; {runner.notes[-1]}" if runner and runner.notes else ""))
+                if name == "ViT-B-16" and dtype == "fp16" and batch in (1, 32):
+                    target = (f">= {TARGETS['images_per_s_batch32']:.0f} images/s" if batch == 32
+                              else f"<= {TARGETS['p50_ms_batch1']} ms")
+                    met = row["images_per_s"] >= TARGETS["images_per_s_batch32"] if batch == 32 else p50 <= TARGETS["p50_ms_batch1"]
+                    row.update(target=target, status="ok" if met else "below target")
+                if not cosine >= (0.99 if dtype == "fp16" else 0.9999):
+                    row["status"] = "failed"
+                    row["note"] += f"; min cosine vs CPU fp32 {cosine:.5f}"
+
+
+def _timed_on_device(ctx: Context, call: Callable[[], Any], repeats: int) -> list[float]:
+    """Milliseconds per call: CUDA events around each call and a sync after it (GPU), else perf_counter."""
+    import torch
+
+    for _ in range(3):
+        call()
+    ctx.sync()
+    times = []
+    for _ in range(repeats):
+        if ctx.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _count_host_syncs(ctx: Context, learner: Any, fit: Callable[[], Any]) -> None:
+    """Host/GPU synchronisations per alignment step and per generator fit (torch's sync debug mode):
+    each one stalls the Python thread until the GPU has caught up."""
+    import math
+    import warnings
+
+    import torch
+
+    from cgil.learner import AlignConfig
+
+    counts = {}
+    learner.align_cfg = AlignConfig(epochs=1)
+    steps = math.ceil(learner.prompts.num_classes * learner.align_cfg.samples_per_class / learner.align_cfg.batch_size)
+    for name, fn, per in (("alignment step", lambda: learner.align(learner.replay_source(), seed=4), steps),
+                          ("batched VAE fit of 5 passes", fit, 1)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[name] = sum("synchronizing" in str(w.message) for w in caught) / per
+    for name, n in counts.items():
+        ctx.add(1, "update", f"host syncs per {name}", "ok", note=f"{n:.1f} (torch.cuda sync debug mode)")
+
+
+def step_update(ctx: Context) -> None:
+    import torch
+
+    from cgil.generators import GeneratorConfig, make_generators
+    from cgil.learner import AlignConfig, Learner
+    from cgil.text import normalize
+
+    from .update import class_names, synthetic_features, text_only_clip
+
+    classes, dim, n, passes, epochs, text_model = (3, 64, 10, 2, 1, "cgil-tiny") if ctx.quick else \
+        (20, 512, 100, 500, 60, "ViT-B-16")
+    feats = synthetic_features(classes, n + 50, dim, seed=0)
+    train = [f[:n].to(ctx.device) for f in feats]
+    test = torch.cat([f[n:] for f in feats])
+    labels = torch.arange(classes).repeat_interleave(50)
+    ids, gen_cfg = list(range(classes)), GeneratorConfig(kind="vae", passes=passes)
+
+    def fit(group_ids: list[int], group_feats: list) -> Any:
+        gen = make_generators(gen_cfg, group_ids, dim)
+        gen.fit(group_feats, seed=1)
+        return gen
+
+    results = {}
+    for mode in ("batched", "per-class loop"):
+        ctx.sync()
+        t0 = time.perf_counter()
+        store = [fit(ids, train)] if mode == "batched" else [fit([c], [train[c]]) for c in ids]
+        ctx.sync()
+        fit_s = time.perf_counter() - t0
+        clip = text_only_clip(text_model)
+        clip.model.to(ctx.device)
+        clip.device = torch.device(ctx.device)
+        if clip.identity.embed_dim != dim:
+            raise RuntimeError(f"{text_model} embeds in {clip.identity.embed_dim} dimensions, not {dim}")
+        learner = Learner(clip, gen_cfg, AlignConfig(epochs=epochs))
+        learner.add_classes(ids, class_names(classes), seed=2)
+        learner.store = store
+        t0 = time.perf_counter()
+        learner.align(learner.replay_source(), seed=3)
+        ctx.sync()
+        align_s = time.perf_counter() - t0
+        pred = (normalize(test.to(ctx.device)) @ learner.head().t()).argmax(1).cpu()
+        results[mode] = {"fit_s": fit_s, "align_s": align_s, "accuracy": 100.0 * float((pred == labels).float().mean())}
+    if ctx.cuda:
+        small = GeneratorConfig(kind="vae", passes=5)  # syncs per fit at 5 passes: enough to see a per-step sync
+        _count_host_syncs(ctx, learner, lambda: make_generators(small, ids, dim).fit(train, seed=1))
+    b, s = results["batched"], results["per-class loop"]
+    speedup = s["fit_s"] / b["fit_s"]
+    for mode, r in results.items():
+        ctx.add(1, "update", f"{mode}: fit {classes} VAE x{passes} passes", "ok", seconds=r["fit_s"], accuracy=r["accuracy"],
+                note=f"alignment {epochs} epochs on the {text_model} text tower: {r['align_s']:.2f} s")
+    same = abs(b["accuracy"] - s["accuracy"]) <= 1.0
+    ctx.add(1, "update", "batched vs per-class loop", "ok" if speedup >= TARGETS["update_speedup"] and same else
+            "below target", speedup_x=speedup, accuracy=b["accuracy"] - s["accuracy"],
+            target=f">= {TARGETS['update_speedup']:.0f}x generator fitting, accuracy within 1 point",
+            note=f"whole update (fit + align): {(s['fit_s'] + s['align_s']) / (b['fit_s'] + b['align_s']):.2f}x; "
+                 "accuracy column: batched minus per-class, points")
+
+
+from .gpu_e2e import resume_worker, step_demo, step_resume, step_torchrun, torchrun_worker  # noqa: E402
+from .gpu_tensorrt import step_tensorrt  # noqa: E402
+
+STEPS: dict[str, tuple[int, Callable[[Context], None]]] = {
+    "torch-latency": (1, step_torch_latency), "update": (1, step_update), "demo": (1, step_demo),
+    "torchrun": (1, step_torchrun), "resume": (1, step_resume), "tensorrt": (2, step_tensorrt),
+}
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(prog="cgil bench gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="No GPU work: list every step as skipped (for the tests)")
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a smoke run with --quick")
+    p.add_argument("--quick", action="store_true", help="Toy sizes: check that every step runs, not how fast")
+    p.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
+    p.add_argument("--budget-s", type=float, default=480.0, help="Steps not started within this many seconds are skipped")
+    p.add_argument("--out", default=None, help="Results folder (default benchmarks/results)")
+    p.add_argument("--torchrun-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--resume-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.torchrun_worker:
+        return torchrun_worker(args.device, Path(args.out)) or []
+    if args.resume_worker:
+        return resume_worker(args.device, Path(args.out), args.quick) or []
+    no_gpu = _no_gpu_reason(args.device, args.dry_run)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cgil-gpu-") as tmp:
+        ctx = Context(args.device, args.quick, Path(tmp), start + args.budget_s)
+        for name in args.steps:
+            part, fn = STEPS[name]
+            if no_gpu:
+                ctx.add(part, name, "all", "skipped", note=f"skipped: {no_gpu}")
+            elif time.perf_counter() > ctx.deadline:
+                ctx.add(part, name, "all", "skipped", note=f"skipped: the {args.budget_s:.0f} s budget was spent")
+            else:
+                log(f"{name}:")
+                t0 = time.perf_counter()
+                try:
+                    fn(ctx)
+                except Exception as e:  # record it and go on: one broken path must not hide the others
+                    ctx.add(part, name, "all", "failed", seconds=time.perf_counter() - t0,
+                            note=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+    rows = ctx.rows
+    meta = {"command": "cgil bench gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device": args.device, "quick": args.quick, "dry_run": args.dry_run, "targets": TARGETS,
+            "seconds": round(time.perf_counter() - start, 1), "versions": _versions()}
+    path = write_results("gpu", rows, meta, Path(args.out) if args.out else None, COLUMNS)
+    print(f"\nmachine: {machine()}\n")
+    print(markdown_table(rows, COLUMNS))
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    if skipped:
+        print("skipped:\n" + "\n".join(f"  {r['step']} ({r['item']}): {r['note']}" for r in skipped))
+    print(f"results: {path}")
+    return rows
+
+
+def _no_gpu_reason(device: str, dry_run: bool) -> Optional[str]:
+    if dry_run:
+        return "no GPU (--dry-run)"
+    if device == "cpu":
+        return None
+    try:
+        import torch
+
+        return None if torch.cuda.is_available() else "no GPU (torch.cuda.is_available() is False)"
+    except ImportError:
+        return "no GPU (torch is not installed)"
+
+
+def _versions() -> dict[str, Optional[str]]:
+    from importlib import metadata
+
+    out: dict[str, Optional[str]] = {}
+    for dist in ("torch", "open_clip_torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return out
+
+
+if __name__ == "__main__":
+    main()
