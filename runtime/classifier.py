@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .errors import CgilError
+from .names import clean_names
 from .backends import ImageBackend, make_backend
 from .bundle import Head, load_head, open_bundle
 from .preprocess import ImageLike, Preprocess
@@ -111,9 +112,7 @@ class Classifier:
         """Extend the current head with zero-shot keys of new names (in memory; swapped atomically)."""
         with self._swap:
             head = self._head
-            clash = sorted(set(names) & set(head.class_names))
-            if clash:
-                raise CgilError(f"class name(s) already in the head: {', '.join(clash)}")
+            names = clean_names(names, head.class_names)  # the one name rule (runtime.names)
             keys = self.zero_shot_keys(names)
             self._head = Head(np.concatenate([head.keys, keys]), head.class_names + list(names),
                               head.class_ids + [-1] * len(names), head.version, head.identity, head.directory)
