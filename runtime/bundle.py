@@ -90,6 +90,12 @@ class BundleManifest:
             raise CgilError(f"{where}: max_batch {max_batch} must be at least 1")
         if not isinstance(m.get("preprocess"), dict):
             raise CgilError(f"{where}: no preprocess section")
+        from .preprocess import Preprocess
+
+        try:
+            Preprocess.from_config(m["preprocess"])
+        except CgilError as e:
+            raise CgilError(f"{where}: {e}") from None
         text = m.get("text")
         if text is not None:
             if not isinstance(text, dict) or not isinstance(text.get("tokenizer"), dict):

@@ -41,6 +41,10 @@ class Classifier:
         self.logit_scale = self.manifest.logit_scale
         self.include_future = include_future
         self.backend = make_backend(backend, self.bundle, self.manifest, providers, threads)
+        expected = getattr(self.backend, "input_shape", None)  # (H, W, 3) of the ONNX graph, when static
+        if expected and all(isinstance(d, int) for d in expected[:2]) and tuple(expected[:2]) != self.preprocess.size:
+            raise CgilError(f"{self.bundle / 'manifest.json'}: preprocess size {list(self.preprocess.size)} does not "
+                            f"match the image engine's input {list(expected[:2])} (edited manifest?)")
         self._swap = threading.Lock()
         self._head: Head = self._verified_head(self.bundle)
         self._text = None

@@ -108,7 +108,10 @@ def prune(root: Path) -> list[str]:
     current_name(root)  # a pointer that is not a valid version stops here, before anything is deleted
     for n in read_history(root):
         checked_version(root, n, str(root / HISTORY))
-    record_newest(root, max([newest_recorded(root), *version_dirs(root)], default=0))
+    wanted = set(read_history(root)) | {current_name(root)}
+    stale = [v for v, p in version_dirs(root).items() if p.name not in wanted]
+    if stale and max(stale) > newest_recorded(root):  # written only when a number is about to disappear
+        record_newest(root, max(stale))
     return remove_stale_versions(root, VERSION_RE)
 
 
@@ -132,7 +135,6 @@ def publish_head(root: Path, version: int, write: Callable[[Path], None], model:
         write(d)
         check_head_files(d)
 
-    record_newest(root, version)
     return publish_version(root, version_name(version), write_checked, kind=HEAD_KIND, extra={"model": model},
                            keep=keep, overwrite=False, pattern=VERSION_RE)
 
@@ -151,7 +153,6 @@ def rollback(bundle: str | os.PathLike, report: Report = _quiet) -> tuple[str, s
             raise CgilError(f"{bundle}: no previous head version to roll back to (current {current})")
         target = earlier[-1]
         load_head(root / target)  # verify before switching
-        record_newest(root, max(version_dirs(root), default=0))  # the rolled-back number is never reused
         atomic_write_json(root / HISTORY, [n for n in history if n != current])
         atomic_write_text(root / POINTER, target + "\n")
         prune(root)  # the version rolled back from is neither current nor a rollback target any more
