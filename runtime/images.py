@@ -77,8 +77,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decoded_bytes(img: Image.Image) -> int:
-    """The memory a decoded image takes, from its header: pixels x bytes per pixel of its mode."""
-    return img.width * img.height * _MODE_BYTES.get(img.mode, 4)
+    """The bytes a decoder produces for an image, from its header: pixels x bytes per pixel of its mode,
+    doubled for 16-bit samples (Pillow keeps a 16-bit RGB(A) PNG as 8-bit RGB(A), but inflates it whole)."""
+    sixteen = any(";16" in str(getattr(t, "args", t[3] if len(t) > 3 else "")) for t in (img.tile or []))
+    per_pixel = _MODE_BYTES.get(img.mode, 4)
+    return img.width * img.height * (per_pixel * 2 if sixteen and per_pixel != 2 else per_pixel)
 
 
 def open_bounded(data: bytes, max_pixels: int, max_bytes: int, min_side: int) -> Image.Image:
@@ -94,16 +97,17 @@ def open_bounded(data: bytes, max_pixels: int, max_bytes: int, min_side: int) ->
 
     img = Image.open(io.BytesIO(data), formats=SERVE_FORMATS)
     try:
-        if img.width * img.height > max_pixels:
-            raise CgilError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels}")
-        if decoded_bytes(img) > max_bytes:
-            raise CgilError(f"{img.width}x{img.height} {img.mode} decodes to {decoded_bytes(img)} bytes, "
-                            f"over the limit of {max_bytes}")
         keep = 2 * max(1, min_side)
         short = min(img.size)
         if img.format == "JPEG" and short >= 2 * keep:
             scale = keep / short  # draft picks the smallest DCT scale (1/2, 1/4, 1/8) that stays >= this size
             img.draft("RGB", (max(1, int(img.width * scale) + 1), max(1, int(img.height * scale) + 1)))
+        # the limits apply to what will be decoded: a JPEG at its draft scale, others whole
+        if img.width * img.height > max_pixels:
+            raise CgilError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels}")
+        if decoded_bytes(img) > max_bytes:
+            raise CgilError(f"{img.width}x{img.height} {img.mode} decodes to {decoded_bytes(img)} bytes, "
+                            f"over the limit of {max_bytes}")
         img.load()
         factor = min(img.size) // keep
         if factor >= 2:  # reduce has no 16-bit, palette or 1-bit mode: convert those first
