@@ -82,7 +82,7 @@ class Metrics:
             lines += ["# HELP cgil_request_latency_seconds Latency of /v1/classify.",
                       "# TYPE cgil_request_latency_seconds histogram"]
             lines += self.latency.lines("cgil_request_latency_seconds")
-            lines += ["# HELP cgil_decode_seconds Decode + preprocessing time of one image (its wait for a slot excluded).",
+            lines += ["# HELP cgil_decode_seconds CPU seconds to decode and preprocess one image.",
                       "# TYPE cgil_decode_seconds histogram"]
             lines += self.decode.lines("cgil_decode_seconds")
             lines += ["# HELP cgil_batch_size Images per engine call.", "# TYPE cgil_batch_size histogram"]

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         max_images: int = typer.Option(64, "--max-images", min=1, help="Images per request"),
         max_pixels: int = typer.Option(8_388_608, "--max-pixels", min=1,
                                        help="Pixels per image from its header, a JPEG at its draft scale (400 above it)"),
-        max_decoded_mb: float = typer.Option(64.0, "--max-decoded-mb", min=0.001,
+        max_decoded_mb: float = typer.Option(32.0, "--max-decoded-mb", min=0.001,
                                              help="Bytes one image decodes to, mode and bit depth included (400 above it)"),
         max_request_pixels: int = typer.Option(4 * 8_388_608, "--max-request-pixels", min=1,
                                                help="Pixels over all images of one request (413 above it)"),
