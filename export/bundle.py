@@ -197,7 +197,7 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
             image_path.unlink()  # one copy only: the runtime reads the model inside the Triton repository
             engine = {"image": str(model_file.relative_to(tmp)), "triton": {"repository": "triton", "model": "cgil_image"}}
 
-        head_dir = _publish_head(state, learner, tmp, clip)
+        head_dir = _publish_head(state, learner, tmp, clip, cfg.align.to_dict())
         files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file() and p.relative_to(tmp).parts[0] != HEADS_DIR}
         manifest = {
@@ -306,14 +306,19 @@ def _text_graphs(clip: FrozenClip, learner, tmp: Path, eot: int, exporter: str) 
     return checks
 
 
-def _publish_head(state: Path, learner, tmp: Path, clip: FrozenClip) -> Path:
-    """heads/head-NNNN: the run's head, replay store and prompts, plus the prompted graph's inputs."""
+def _publish_head(state: Path, learner, tmp: Path, clip: FrozenClip, align: dict[str, Any]) -> Path:
+    """heads/head-NNNN: the run's head, replay store and prompts, plus the prompted graph's inputs.
+
+    head.json records the run's alignment settings (the generator's are in store.json), so that
+    `cgil update` realigns with what the run used unless told otherwise.
+    """
     meta = read_json(state / "head.json")
 
     def write(d: Path) -> None:
         for name in HEAD_FILES:
             if (state / name).exists():
                 shutil.copyfile(state / name, d / name)
+        atomic_write_json(d / HEAD_META, {**meta, "align": meta.get("align") or align})
         save_tensors(d / PROMPT_CONTEXT,
                      {"context": ox.prompt_context(learner), "tokens": learner.prompts.tokens.cpu()})
 

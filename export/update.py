@@ -31,12 +31,13 @@ from cgil.clip import create_clip
 from cgil.learner import AlignConfig, Learner, derive_seed
 from cgil.state import load_learner
 from cgil.tensor_io import tensors_to_bytes
-from runtime.artifacts import json_bytes, remove_orphans
+from runtime.artifacts import json_bytes
 from runtime.bundle import BundleManifest, Head, load_head, open_bundle
 from runtime.errors import CgilError
 from runtime.format import (PROMPT_CONTEXT, PROMPTS_META, PROMPTS_TENSORS, STORE_META, STORE_PRECISIONS,
                             STORE_TENSORS)
-from runtime.heads import (Report, check_new_names, head_meta, heads_root, learned_names, next_version,
+from runtime.names import clean_names, folder_class_name
+from runtime.heads import (Report, check_new_names, head_meta, heads_root, learned_names, next_version, prune,
                            publish_head, update_lock, version_model, write_head_files)
 
 from .onnx_export import prompt_context
@@ -56,7 +57,10 @@ class NewImages:
 
 
 def class_folders(data: str | os.PathLike) -> list[tuple[str, list[Path]]]:
-    """DIR/<class>/* -> [(class name, image files)], folder names with '_' read as spaces, sorted."""
+    """DIR/<class>/* -> [(class name, image files)], folder names with '_' read as spaces, sorted.
+
+    Names follow the one name rule (runtime.names): a folder `_two` next to `two` is refused, not a second class.
+    """
     from cgil.data.folder import class_dirs, image_files
 
     data = Path(data)
@@ -67,9 +71,10 @@ def class_folders(data: str | os.PathLike) -> list[tuple[str, list[Path]]]:
         files = image_files(d)
         if not files:
             raise CgilError(f"empty class folder: {d} holds no images")
-        out.append((d.name.replace("_", " "), files))
+        out.append((folder_class_name(d.name), files))
     if not out:
         raise CgilError(f"--data {data} holds no class folders")
+    clean_names([n for n, _ in out], where=f"class folder in {data}")  # two folders, one name ignoring case
     return out
 
 
@@ -198,13 +203,13 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
     manifest = open_bundle(bundle)
     root = heads_root(bundle)
     with update_lock(root):
-        remove_orphans(root)
+        prune(root)
         head = load_head(bundle, manifest.identity)
         src = head.directory
         learned = learned_names(src)
         if not (src / STORE_META).exists() or not learned:
             raise CgilError(f"{src} holds no replay store / prompts: an image update needs a bundle exported from a CGIL run")
-        check_new_names(names, head.class_names, learned, allow_zero_shot=True)
+        names = check_new_names(names, head.class_names, learned, allow_zero_shot=True)
 
         t0 = time.perf_counter()
         images = embed_images(bundle, folders, report)

@@ -9,9 +9,11 @@ Torch-free: the device side verifies and publishes with it, the learner writes i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +21,20 @@ from typing import Any, Callable, Optional
 
 from .errors import CgilError
 from .format import HISTORY, MANIFEST, POINTER, SCHEMA_VERSION
+
+
+def version_path(root: Path, name: Any, where: str, pattern: Optional[re.Pattern] = None) -> Path:
+    """root/name for a version name read from disk (a pointer, a history): refused unless it is one plain
+    folder name (matching `pattern` when given) that stays directly inside root once symlinks are resolved.
+    A tampered history or pointer must never make a writer read or delete anything elsewhere."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or (pattern is not None and not pattern.match(name))):
+        raise CgilError(f"{where} names {str(name)!r}, which is not a version folder name"
+                        + (f" ({pattern.pattern})" if pattern is not None else ""))
+    path = Path(root) / name
+    if path.resolve().parent != Path(root).resolve():
+        raise CgilError(f"{where} names {name!r}, which resolves outside {root}")
+    return path
 
 
 def fsync_dir(path: Path) -> None:
@@ -87,8 +103,11 @@ def write_manifest(directory: Path, kind: str, extra: Optional[dict[str, Any]] =
     return manifest
 
 
-def verify_manifest(directory: str | os.PathLike, kind: Optional[str] = None) -> dict[str, Any]:
-    """Check schema version, kind, and every listed file's size and sha256; raise a CgilError naming what is wrong."""
+def verify_manifest(directory: str | os.PathLike, kind: Optional[str] = None,
+                    unchecked: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Check schema version, kind, every listed file's size and sha256, and that no other file is there
+    (except under the `unchecked` sub-folders, which have manifests of their own); raise a CgilError naming
+    what is wrong."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
@@ -104,8 +123,19 @@ def verify_manifest(directory: str | os.PathLike, kind: Optional[str] = None) ->
         raise CgilError(f"{path}: schema version {version}, this cgil reads {SCHEMA_VERSION}")
     if kind is not None and manifest.get("kind") != kind:
         raise CgilError(f"{directory} holds a {manifest.get('kind')!r}, expected a {kind!r}")
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise CgilError(f"{path} is corrupt: 'files' is not a mapping")
+    unlisted = [str(p.relative_to(directory)) for p in sorted(directory.rglob("*"))
+                if (p.is_file() or p.is_symlink()) and p.name != MANIFEST
+                and not any(p.relative_to(directory).is_relative_to(x) for x in unchecked)
+                and str(p.relative_to(directory)) not in files]
+    if unlisted:  # an added or edited file that no sha256 covers must not be served
+        raise CgilError(f"{directory / unlisted[0]} is not listed in {path} (added after the manifest was written)")
+    for name, info in files.items():
         file = directory / name
+        if not file.resolve().is_relative_to(directory.resolve()):
+            raise CgilError(f"{path} lists {name!r}, which resolves outside {directory}")
         if not file.is_file():
             raise CgilError(f"{file} is listed in {path} but missing")
         size = file.stat().st_size
@@ -117,21 +147,34 @@ def verify_manifest(directory: str | os.PathLike, kind: Optional[str] = None) ->
 
 
 def publish_version(root: str | os.PathLike, name: str, write: Callable[[Path], None], kind: str,
-                    extra: Optional[dict[str, Any]] = None, keep: int = 2, overwrite: bool = True) -> Path:
+                    extra: Optional[dict[str, Any]] = None, keep: int = 2, overwrite: bool = True,
+                    pattern: Optional[re.Pattern] = None) -> Path:
     """Write a new version directory `root/name` with `write(tmpdir)`, then point `root/CURRENT` at it.
 
     Until the pointer is rewritten, readers see the previous version untouched; a crash at any
     point leaves at worst an orphaned temporary folder, never a half-written current version.
     `history.json` lists the last `keep` published versions (the rollback targets); older ones are
     deleted. With overwrite=False an existing `root/name` is refused (version names never reused).
+    With `pattern` (the version names, e.g. head-NNNN) every name read from the pointer and the history
+    must match it and stay inside root, and every complete version that is neither current nor kept
+    is removed after the switch.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     if final.exists() and not overwrite:
         raise CgilError(f"{final} exists already; versions are never overwritten")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    # every name read from disk is checked before anything is written, kept or deleted
+    previous = current_version(root)
+    if previous is not None:
+        version_path(root, previous, str(root / POINTER), pattern)
+    history = [n for n in read_history(root) if n != name and version_path(root, n, str(root / HISTORY), pattern).exists()]
+    if previous and previous != name and previous not in history:
+        history.append(previous)
+    history.append(name)
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
         write(tmp)
         write_manifest(tmp, kind, extra)
         for p in tmp.rglob("*"):
@@ -143,19 +186,53 @@ def publish_version(root: str | os.PathLike, name: str, write: Callable[[Path], 
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only folder: one line, the bundle unchanged
+            raise CgilError(f"cannot write {e.filename or final}: {e.strerror or e}") from e
         raise
-    previous = current_version(root)
-    history = [n for n in read_history(root) if n != name and (root / n).exists()]
-    if previous and previous != name and previous not in history:
-        history.append(previous)
-    atomic_write_text(root / POINTER, name + "\n")  # the one switch readers see
-    history.append(name)
-    for old in history[:-keep]:  # the previous version always survives, for readers and rollback
-        shutil.rmtree(root / old, ignore_errors=True)
-    atomic_write_json(root / HISTORY, history[-keep:])
+    try:
+        atomic_write_text(root / POINTER, name + "\n")  # the one switch readers see
+    except OSError as e:  # the old pointer is intact: drop the new version, nothing changed
+        shutil.rmtree(final, ignore_errors=True)
+        raise CgilError(f"cannot write {root / POINTER}: {e.strerror or e}; "
+                        f"{previous or 'the previous version'} stays current") from e
+    try:
+        atomic_write_json(root / HISTORY, history[-keep:])
+    except OSError as e:  # switch back, so that a failed update leaves the bundle as it was
+        with contextlib.suppress(OSError):
+            if previous:
+                atomic_write_text(root / POINTER, previous + "\n")
+                shutil.rmtree(final, ignore_errors=True)
+        raise CgilError(f"cannot write {root / HISTORY}: {e.strerror or e}") from e
+    if pattern is not None:  # the previous version always survives, for readers and rollback
+        remove_stale_versions(root, pattern)
+    else:
+        for old in history[:-keep]:
+            shutil.rmtree(root / old, ignore_errors=True)
     return final
+
+
+def remove_stale_versions(root: str | os.PathLike, pattern: re.Pattern) -> list[str]:
+    """Delete every version folder that is neither current nor in the history (a version rolled back
+    from, or one renamed into place by a writer killed before its pointer switch). Call under the lock."""
+    root = Path(root)
+    current = current_version(root)
+    wanted = set(read_history(root)) | ({current} if current else set())
+    removed = []
+    for p in sorted(root.iterdir()):
+        if pattern.match(p.name) and p.name not in wanted:
+            if p.is_symlink():  # never follow a link out of root
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
+            else:
+                continue
+            removed.append(p.name)
+    if removed:
+        fsync_dir(root)
+    return removed
 
 
 def remove_orphans(root: str | os.PathLike) -> None:
@@ -179,7 +256,12 @@ def current_version(root: str | os.PathLike) -> Optional[str]:
     path = Path(root) / POINTER
     if not path.exists():
         return None
-    name = path.read_text().strip()
+    try:
+        name = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CgilError(f"{path} is corrupt (not UTF-8 text)") from None
+    except OSError as e:
+        raise CgilError(f"cannot read {path}: {e.strerror}") from None
     return name or None
 
 

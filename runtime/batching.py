@@ -139,22 +139,34 @@ class Batcher:
 # ---------------------------------------------------------------- head watching and reload
 
 class HeadManager:
-    """Follows heads/CURRENT; every swap is verified before it happens and is one reference assignment."""
+    """Follows heads/CURRENT; every swap is verified before it happens and is one reference assignment.
 
-    def __init__(self, classifier, metrics: Metrics, interval_s: float):
-        self.classifier, self.metrics, self.interval = classifier, metrics, interval_s
+    Nothing read from the bundle can stop the watcher: an unreadable or invalid pointer, or a head that
+    fails verification or sanity, is refused (409 on the admin call), the old head keeps serving, the
+    failure shows in /readyz and /metrics, and the watcher tries again when the pointer changes (and
+    every `retry_s` while failing), so fixing the bundle is enough to recover.
+    """
+
+    def __init__(self, classifier, metrics: Metrics, interval_s: float, retry_s: float = 5.0):
+        self.classifier, self.metrics, self.interval, self.retry = classifier, metrics, interval_s, retry_s
         self.pointer = Path(classifier.bundle) / "heads" / "CURRENT"
         self.seen = self._pointer()
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="cgil-head-watch", daemon=True)
         self.last_error: Optional[str] = None
+        self.last_attempt = 0.0
 
-    def _pointer(self) -> Optional[str]:
+    def _pointer(self) -> Optional[bytes]:
+        """The pointer's raw bytes: compared, never decoded here (a non-UTF-8 pointer is an error of the reload)."""
         try:
-            return self.pointer.read_text().strip()
+            return self.pointer.read_bytes()
         except OSError:
             return None
+
+    @property
+    def watching(self) -> bool:
+        return self.interval <= 0 or self.thread.is_alive()
 
     def start(self) -> None:
         if self.interval > 0:
@@ -165,34 +177,48 @@ class HeadManager:
         if self.thread.is_alive():
             self.thread.join(timeout=5)
 
+    def _failed(self, message: str) -> None:
+        self.last_error = message
+        with self.metrics.lock:
+            self.metrics.reload_failures += 1
+            self.metrics.watch_error = message
+
     def reload(self, force: bool = False) -> dict[str, Any]:
         with self.lock:
             previous = self.classifier.head.version
             name = self._pointer()
-            if not force and name == self.seen:
+            if not force and name == self.seen and self.last_error is None:
                 return {"version": previous, "previous": previous, "swapped": False}
+            self.seen, self.last_attempt = name, time.monotonic()
             try:
                 head = self.classifier.load_head()
             except CgilError as e:
-                self.last_error = str(e)
+                self._failed(str(e))
                 log.error("head reload refused, still serving v%s: %s", previous, e)
                 raise
-            self.seen = name
+            except Exception as e:  # whatever a damaged bundle raises is a refused head, never a dead watcher
+                self._failed(f"{type(e).__name__}: {e}")
+                log.error("head reload failed, still serving v%s: %s: %s", previous, type(e).__name__, e)
+                raise CgilError(self.last_error) from e
             self.last_error = None
+            with self.metrics.lock:
+                self.metrics.watch_error = None
             swapped = head.version != previous
             if swapped:
                 with self.metrics.lock:
                     self.metrics.swaps += 1
-                log.info("head swapped: v%s -> v%s (%s)", previous, head.version, name)
-            return {"version": head.version, "previous": previous, "swapped": swapped, "directory": name}
+                log.info("head swapped: v%s -> v%s", previous, head.version)
+            return {"version": head.version, "previous": previous, "swapped": swapped,
+                    "directory": head.directory.name if head.directory else None}
 
     def _watch(self) -> None:
         while not self.stop_event.wait(self.interval):
-            if self._pointer() != self.seen:
+            retry = self.last_error is not None and time.monotonic() - self.last_attempt >= self.retry
+            if self._pointer() != self.seen or retry:
                 try:
-                    self.reload()
-                except CgilError:  # logged; tried again only when the pointer moves again
-                    self.seen = self._pointer()
+                    self.reload(force=retry)
+                except Exception:  # logged and counted by reload; the watcher goes on
+                    pass
 
 
 # ---------------------------------------------------------------- the app

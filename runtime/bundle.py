@@ -41,7 +41,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 def read_manifest(directory: Path, kind: str) -> dict[str, Any]:
     """Parse and check one manifest: schema version, kind, and the size and sha256 of every listed file."""
-    return verify_manifest(directory, kind)
+    # a bundle's manifest covers every file but heads/, whose versions have manifests of their own
+    return verify_manifest(directory, kind, unchecked=(HEADS_DIR,) if kind == BUNDLE_KIND else ())
 
 
 def inside(root: Path, relative: Any, what: str) -> Path:
@@ -89,6 +90,12 @@ class BundleManifest:
             raise CgilError(f"{where}: max_batch {max_batch} must be at least 1")
         if not isinstance(m.get("preprocess"), dict):
             raise CgilError(f"{where}: no preprocess section")
+        from .preprocess import Preprocess
+
+        try:
+            Preprocess.from_config(m["preprocess"])
+        except CgilError as e:
+            raise CgilError(f"{where}: {e}") from None
         text = m.get("text")
         if text is not None:
             if not isinstance(text, dict) or not isinstance(text.get("tokenizer"), dict):
@@ -132,6 +139,50 @@ class Head:
                     self.class_ids + [-1] * len(self.future_names), self.version, self.identity, self.directory)
 
 
+UNIT_NORM_TOLERANCE = 1e-3  # float32 keys written normalised are within 1e-6; fp16 round trips within 1e-3
+
+
+def check_head(keys: np.ndarray, names: Any, future: np.ndarray, future_names: Any, dim: int, where: Any) -> None:
+    """Sanity, not only integrity: a head that passes its sha256 can still be NaN (a diverged update) or
+    empty, and serving it would answer `null` scores or 500. Refuse it with the reason."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CgilError(f"{where}: class_names is not a list of names")
+    if not isinstance(future_names, list) or not all(isinstance(n, str) for n in future_names):
+        raise CgilError(f"{where}: future_class_names is not a list of names")
+    if not names:
+        raise CgilError(f"{where}: the head has no classes")
+    for label, k, n in (("keys", keys, names), ("future keys", future, future_names)):
+        if k.ndim != 2 or k.shape[0] != len(n) or (k.shape[0] and k.shape[1] != dim):
+            raise CgilError(f"{where}: {label} of shape {tuple(k.shape)} do not fit {len(n)} class names "
+                            f"and embedding size {dim}")
+        if not k.size:
+            continue
+        bad = ~np.isfinite(k).all(axis=1)
+        if bad.any():
+            raise CgilError(f"{where}: {int(bad.sum())} of {len(k)} {label} are not finite (NaN or inf), "
+                            f"e.g. class {n[int(np.argmax(bad))]!r}: a diverged update (lower --lr)")
+        norms = np.linalg.norm(k.astype(np.float64), axis=1)
+        off = np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE
+        if off.any():
+            i = int(np.argmax(off))
+            raise CgilError(f"{where}: {int(off.sum())} of {len(k)} {label} are not of unit norm "
+                            f"(class {n[i]!r} has norm {norms[i]:.6g})")
+
+
+def check_head_files(directory: Path) -> None:
+    """check_head on the files of a head version being written (before it is published)."""
+    from safetensors.numpy import load_file
+
+    meta = json.loads((directory / HEAD_META).read_text())
+    tensors = load_file(str(directory / HEAD_TENSORS))
+    keys = np.asarray(tensors.get("keys", np.zeros((0, 0), np.float32)), dtype=np.float32)
+    future = np.asarray(tensors.get("future_keys", np.zeros((0, keys.shape[-1] if keys.ndim == 2 else 0), np.float32)),
+                        dtype=np.float32)
+    dim = keys.shape[1] if keys.ndim == 2 and keys.shape[0] else int(meta.get("model", {}).get("embed_dim", 0) or 0)
+    check_head(keys, meta.get("class_names", []), future, meta.get("future_class_names", []), dim,
+               f"new head version {meta.get('head_version', '?')} (refused, the bundle is unchanged)")
+
+
 def head_dir(path: Path) -> Path:
     """A bundle (-> its current head), a bundle's heads/ folder, or one head version folder."""
     from .heads import current_name
@@ -171,14 +222,11 @@ def load_head(path: str | os.PathLike,
     if manifest.get("model") and not ModelIdentity.from_dict(manifest["model"], str(directory)).same_weights(identity):
         raise CgilError(f"{directory}: head.json and manifest.json name different models")
     keys = np.ascontiguousarray(tensors.get("keys", np.zeros((0, 0), np.float32)), dtype=np.float32)
-    names = list(meta.get("class_names", []))
-    dim = identity.embed_dim
-    if keys.ndim != 2 or keys.shape[0] != len(names) or (keys.size and keys.shape[1] != dim):
-        raise CgilError(f"{directory / HEAD_TENSORS}: keys of shape {keys.shape} do not fit "
-                        f"{len(names)} class names and embedding size {dim}")
-    future_names = list(meta.get("future_class_names", []))
-    future = np.asarray(tensors.get("future_keys", np.zeros((0, keys.shape[1]), np.float32)), dtype=np.float32)
-    if future.shape[0] != len(future_names):
-        raise CgilError(f"{directory / HEAD_TENSORS}: {future.shape[0]} future keys for {len(future_names)} names")
+    names = meta.get("class_names", [])
+    future_names = meta.get("future_class_names", [])
+    future = np.asarray(tensors.get("future_keys", np.zeros((0, keys.shape[-1] if keys.ndim == 2 else 0), np.float32)),
+                        dtype=np.float32)
+    check_head(keys, names, future, future_names, identity.embed_dim, directory / HEAD_TENSORS)
+    names, future_names = list(names), list(future_names)
     return Head(keys, names, [int(c) for c in meta.get("class_ids", [])], int(meta.get("head_version", 0)),
                 identity, directory, future, future_names)

@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .errors import CgilError
+from .names import clean_names
 from .backends import ImageBackend, make_backend
 from .bundle import Head, load_head, open_bundle
 from .preprocess import ImageLike, Preprocess
@@ -40,6 +41,10 @@ class Classifier:
         self.logit_scale = self.manifest.logit_scale
         self.include_future = include_future
         self.backend = make_backend(backend, self.bundle, self.manifest, providers, threads)
+        expected = getattr(self.backend, "input_shape", None)  # (H, W, 3) of the ONNX graph, when static
+        if expected and all(isinstance(d, int) for d in expected[:2]) and tuple(expected[:2]) != self.preprocess.size:
+            raise CgilError(f"{self.bundle / 'manifest.json'}: preprocess size {list(self.preprocess.size)} does not "
+                            f"match the image engine's input {list(expected[:2])} (edited manifest?)")
         self._swap = threading.Lock()
         self._head: Head = self._verified_head(self.bundle)
         self._text = None
@@ -111,9 +116,7 @@ class Classifier:
         """Extend the current head with zero-shot keys of new names (in memory; swapped atomically)."""
         with self._swap:
             head = self._head
-            clash = sorted(set(names) & set(head.class_names))
-            if clash:
-                raise CgilError(f"class name(s) already in the head: {', '.join(clash)}")
+            names = clean_names(names, head.class_names)  # the one name rule (runtime.names)
             keys = self.zero_shot_keys(names)
             self._head = Head(np.concatenate([head.keys, keys]), head.class_names + list(names),
                               head.class_ids + [-1] * len(names), head.version, head.identity, head.directory)

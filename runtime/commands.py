@@ -68,7 +68,10 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt | torch (a cross-check; needs the learner installed)"),
     ):
         """Classify images with an exported bundle. Exit code 1 if any file could not be read."""
+        from rich.markup import escape
         from rich.table import Table
+
+        from .names import printable
 
         from .classifier import Classifier
 
@@ -88,14 +91,17 @@ def register(app: typer.Typer) -> None:
             table.add_column(f"top-{top_k}", overflow="fold")
             shown = _short_names(images, files)
             for r, name in zip(results, shown):
+                # names and messages come from files: never markup, never raw control or bidi characters
+                name = escape(printable(name))
                 if "error" in r:
-                    table.add_row(name, "[red]error[/]", "", r["error"])
+                    table.add_row(name, "[red]error[/]", "", escape(printable(r["error"])))
                 else:
-                    rest = ", ".join(f"{l} {s:.2f}" for l, s in zip(r["labels"], r["scores"]))
-                    table.add_row(name, r["labels"][0], f"{r['scores'][0]:.3f}", rest)
+                    labels = [escape(printable(label)) for label in r["labels"]]
+                    rest = ", ".join(f"{l} {s:.2f}" for l, s in zip(labels, r["scores"]))
+                    table.add_row(name, labels[0], f"{r['scores'][0]:.3f}", rest)
             console.print(table)
         failed = [r for r in results if "error" in r]
         if failed:
             for r in failed:
-                typer.echo(f"error: {r['error']}", err=True)
+                typer.echo(f"error: {printable(r['error'])}", err=True)
             raise typer.Exit(code=1)

@@ -20,7 +20,9 @@ if not console.is_terminal:  # logs and pipes: wide enough that result tables ar
 
 def fail(message: str, code: int = 2) -> None:
     """Print `error: message` on stderr (user text is never read as markup) and exit."""
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    from .names import printable  # one line: control characters of names or paths are shown as escapes
+
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=code)
 
 

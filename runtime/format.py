@@ -13,6 +13,7 @@ MANIFEST = "manifest.json"  # schema version, kind, model identity, sha256 + siz
 POINTER = "CURRENT"  # one line: the name of the current version folder
 HISTORY = "history.json"  # the published versions kept as rollback targets, oldest first
 LOCK = ".update.lock"
+NEWEST = "NEWEST"  # heads/: the highest version number ever published (pruned numbers are never reused)
 
 # kinds written into manifests
 BUNDLE_KIND = "cgil-bundle"

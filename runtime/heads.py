@@ -23,10 +23,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .artifacts import atomic_write_json, atomic_write_text, publish_version, read_history, remove_orphans
+from .artifacts import (atomic_write_json, atomic_write_text, publish_version, read_history, remove_orphans,
+                        remove_stale_versions, version_path)
 from .errors import CgilError
-from .format import (HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, HISTORY, KEEP, LOCK, MANIFEST, POINTER,
-                     PROMPTS_META, VERSION_RE, version_name)
+from .names import clean_names
+from .format import (HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, HISTORY, KEEP, LOCK, MANIFEST, NEWEST,
+                     POINTER, PROMPTS_META, VERSION_RE, version_name)
 
 Report = Callable[[str], None]
 
@@ -45,13 +47,8 @@ def heads_root(bundle: str | os.PathLike) -> Path:
 
 
 def checked_version(root: Path, name: str, where: str) -> Path:
-    """root/name for a version name read from disk: `head-NNNN`, a folder inside root."""
-    if not VERSION_RE.match(name):
-        raise CgilError(f"{where} names {name!r}, which is not a head version (head-NNNN)")
-    path = root / name
-    if not path.resolve().is_relative_to(root.resolve()) or path.resolve().parent != root.resolve():
-        raise CgilError(f"{where} names {name!r}, which resolves outside {root}")
-    return path
+    """root/name for a version name read from disk: `head-NNNN`, a folder directly inside root."""
+    return version_path(root, name, where, VERSION_RE)
 
 
 def current_name(root: Path) -> str:
@@ -90,15 +87,56 @@ def update_lock(root: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def newest_recorded(root: Path) -> int:
+    """The highest version number ever published here (heads/NEWEST), so that pruning never lets a number be reused."""
+    try:
+        text = (root / NEWEST).read_bytes().decode("ascii").strip()
+        return int(text) if text.isdigit() else 0
+    except (OSError, UnicodeDecodeError):
+        return 0
+
+
 def next_version(root: Path, current: int) -> int:
-    return max([current, *version_dirs(root)]) + 1
+    return max([current, newest_recorded(root), *version_dirs(root)]) + 1
+
+
+def prune(root: Path) -> list[str]:
+    """Under the update lock: remove temporary folders of killed writers and every complete version that
+    is neither current nor a rollback target (a version rolled back from, or one renamed into place by
+    a writer killed before its pointer switch). Returns the versions removed."""
+    remove_orphans(root)
+    current_name(root)  # a pointer that is not a valid version stops here, before anything is deleted
+    for n in read_history(root):
+        checked_version(root, n, str(root / HISTORY))
+    wanted = set(read_history(root)) | {current_name(root)}
+    stale = [v for v, p in version_dirs(root).items() if p.name not in wanted]
+    if stale and max(stale) > newest_recorded(root):  # written only when a number is about to disappear
+        record_newest(root, max(stale))
+    return remove_stale_versions(root, VERSION_RE)
+
+
+def record_newest(root: Path, version: int) -> None:
+    try:
+        atomic_write_text(root / NEWEST, f"{max(version, newest_recorded(root))}\n")
+    except OSError as e:
+        raise CgilError(f"cannot write {root / NEWEST}: {e.strerror or e}") from e
 
 
 def publish_head(root: Path, version: int, write: Callable[[Path], None], model: dict[str, Any],
                  keep: int = KEEP) -> Path:
-    """Write heads/head-NNNN with `write(tmpdir)` + a sha256 manifest, then switch heads/CURRENT to it."""
-    return publish_version(root, version_name(version), write, kind=HEAD_KIND, extra={"model": model}, keep=keep,
-                           overwrite=False)
+    """Write heads/head-NNNN with `write(tmpdir)` + a sha256 manifest, then switch heads/CURRENT to it.
+
+    The head is checked for sanity (runtime.bundle.check_head) in the temporary folder, before the
+    switch: a head that would break serving is refused and the bundle stays as it was.
+    """
+    from .bundle import check_head_files
+
+    def write_checked(d: Path) -> None:
+        write(d)
+        check_head_files(d)
+
+    return publish_version(root, version_name(version), write_checked, kind=HEAD_KIND, extra={"model": model},
+                           keep=keep, overwrite=False, pattern=VERSION_RE)
 
 
 def rollback(bundle: str | os.PathLike, report: Report = _quiet) -> tuple[str, str]:
@@ -115,9 +153,9 @@ def rollback(bundle: str | os.PathLike, report: Report = _quiet) -> tuple[str, s
             raise CgilError(f"{bundle}: no previous head version to roll back to (current {current})")
         target = earlier[-1]
         load_head(root / target)  # verify before switching
-        atomic_write_text(root / POINTER, target + "\n")
-        # the rolled-back version stays on disk (its number is never reused) but leaves the history
         atomic_write_json(root / HISTORY, [n for n in history if n != current])
+        atomic_write_text(root / POINTER, target + "\n")
+        prune(root)  # the version rolled back from is neither current nor a rollback target any more
     report(f"rolled back {bundle}: {current} -> {target}")
     return current, target
 
@@ -154,18 +192,20 @@ def write_head_files(d: Path, keys: np.ndarray, future_keys: np.ndarray, meta: d
 
 
 def check_new_names(names: Sequence[str], head_names: Sequence[str], learned: Sequence[str],
-                    allow_zero_shot: bool) -> None:
-    """New class names must be new: a zero-shot class may be learned from images (allow_zero_shot)."""
-    dup = sorted({n for n in names if list(names).count(n) > 1})
-    if dup:
-        raise CgilError(f"class name(s) given twice: {', '.join(dup)}")
-    if any(not n.strip() for n in names):
-        raise CgilError("empty class name")
-    taken = set(learned) if allow_zero_shot else set(head_names)
-    clash = sorted(set(names) & taken)
-    if clash:
-        what = "learned already" if allow_zero_shot else "already in the head"
-        raise CgilError(f"class name(s) {what}: {', '.join(clash)}; new classes need new names")
+                    allow_zero_shot: bool) -> list[str]:
+    """New class names under the name rule (runtime.names), cleaned; they must be new, ignoring case.
+
+    With allow_zero_shot a zero-shot class of the head may be learned from images, under its exact name.
+    """
+    names = clean_names(names, learned if allow_zero_shot else head_names,
+                        taken_as="learned already" if allow_zero_shot else "already in the head")
+    if allow_zero_shot:
+        spelled = {n.casefold(): n for n in head_names}
+        near = [(n, spelled[n.casefold()]) for n in names if n.casefold() in spelled and spelled[n.casefold()] != n]
+        if near:
+            raise CgilError("class name(s) differ only in case from a class of the head: "
+                            + ", ".join(f"{n!r} vs {old!r}" for n, old in near) + "; use the exact name or a new one")
+    return names
 
 
 # ---------------------------------------------------------------- name-only update
@@ -176,13 +216,12 @@ def add_zero_shot(bundle: str | os.PathLike, names: Sequence[str], report: Repor
     from .text import TextEncoderRuntime
 
     bundle = Path(bundle)
-    names = [n.strip() for n in names]
     manifest = open_bundle(bundle)
     root = heads_root(bundle)
     with update_lock(root):
-        remove_orphans(root)
+        prune(root)
         head = load_head(bundle, manifest.identity)
-        check_new_names(names, head.class_names, learned_names(head.directory), allow_zero_shot=False)
+        names = check_new_names(names, head.class_names, learned_names(head.directory), allow_zero_shot=False)
         t0 = time.perf_counter()
         z = TextEncoderRuntime(bundle, manifest).zero_shot(names)
         z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)

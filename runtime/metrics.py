@@ -6,6 +6,7 @@ import threading
 
 # Label values of the request counters: these paths, everything else is "other" (bounded cardinality).
 PATHS = ("/v1/classify", "/v1/classes", "/healthz", "/readyz", "/metrics", "/v1/admin/reload", "/openapi.json", "/docs")
+DECODE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -46,8 +47,11 @@ class Metrics:
         self.latency = Histogram(LATENCY_BUCKETS)
         sizes = tuple(sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_batch}))
         self.batch_sizes = Histogram(tuple(float(s) for s in sizes))
+        self.decode = Histogram(DECODE_BUCKETS)
         self.images = 0
         self.swaps = 0
+        self.reload_failures = 0
+        self.watch_error: str | None = None  # set while the head watcher cannot follow heads/CURRENT
 
     def request(self, path: str, status: int, seconds: float) -> None:
         path = path if path in PATHS else "other"  # bounded label values
@@ -57,6 +61,10 @@ class Metrics:
                 self.latency.observe(seconds)
             if status >= 400:
                 self.errors[str(status)] += 1
+
+    def decoded(self, seconds: float) -> None:
+        with self.lock:
+            self.decode.observe(seconds)
 
     def batch(self, n: int) -> None:
         with self.lock:
@@ -74,6 +82,9 @@ class Metrics:
             lines += ["# HELP cgil_request_latency_seconds Latency of /v1/classify.",
                       "# TYPE cgil_request_latency_seconds histogram"]
             lines += self.latency.lines("cgil_request_latency_seconds")
+            lines += ["# HELP cgil_decode_seconds CPU seconds to decode and preprocess one image.",
+                      "# TYPE cgil_decode_seconds histogram"]
+            lines += self.decode.lines("cgil_decode_seconds")
             lines += ["# HELP cgil_batch_size Images per engine call.", "# TYPE cgil_batch_size histogram"]
             lines += self.batch_sizes.lines("cgil_batch_size")
             lines += ["# HELP cgil_images_total Images classified.", "# TYPE cgil_images_total counter",
@@ -84,6 +95,12 @@ class Metrics:
                       f"cgil_head_version {head_version}",
                       "# HELP cgil_head_swaps_total Head hot swaps since start.", "# TYPE cgil_head_swaps_total counter",
                       f"cgil_head_swaps_total {self.swaps}",
+                      "# HELP cgil_head_reload_failures_total Head reloads refused (bad pointer or head).",
+                      "# TYPE cgil_head_reload_failures_total counter",
+                      f"cgil_head_reload_failures_total {self.reload_failures}",
+                      "# HELP cgil_head_watch_failing 1 while heads/CURRENT cannot be followed (the old head serves).",
+                      "# TYPE cgil_head_watch_failing gauge",
+                      f"cgil_head_watch_failing {int(self.watch_error is not None)}",
                       "# HELP cgil_ready 1 when the engine is loaded.", "# TYPE cgil_ready gauge",
                       f"cgil_ready {int(ready)}"]
         return "\n".join(lines) + "\n"

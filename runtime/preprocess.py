@@ -31,13 +31,19 @@ class Preprocess:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "Preprocess":
-        size = cfg["size"]
-        size = (size, size) if isinstance(size, int) else tuple(size)
         if cfg.get("resize_mode", "shortest") not in ("shortest", "longest", "squash"):
             raise CgilError(f"unsupported resize_mode {cfg.get('resize_mode')!r}")
-        return cls((int(size[0]), int(size[1])), tuple(cfg["mean"]), tuple(cfg["std"]),
-                   cfg.get("interpolation") or "bicubic", cfg.get("resize_mode") or "shortest",
-                   int(cfg.get("fill_color", 0)))
+        try:
+            size = cfg["size"]
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            out = cls((int(size[0]), int(size[1])), tuple(float(v) for v in cfg["mean"]),
+                      tuple(float(v) for v in cfg["std"]), cfg.get("interpolation") or "bicubic",
+                      cfg.get("resize_mode") or "shortest", int(cfg.get("fill_color", 0)))
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # an edited manifest: one line, not a traceback
+            raise CgilError(f"malformed preprocess section {cfg!r}: {type(e).__name__}: {e}") from None
+        if len(size) != 2 or min(out.size) < 1 or len(out.mean) != 3 or len(out.std) != 3 or not all(out.std):
+            raise CgilError(f"malformed preprocess section {cfg!r}: size must be 2 positive ints, mean/std 3 values")
+        return out
 
     @property
     def _filter(self) -> int:

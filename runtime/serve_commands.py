@@ -23,11 +23,20 @@ def register(app: typer.Typer) -> None:
         max_queue: int = typer.Option(256, "--max-queue", min=1, help="Images waiting before requests get 503"),
         max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Request body limit (413 above it)"),
         max_images: int = typer.Option(64, "--max-images", min=1, help="Images per request"),
-        max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Pixels per decoded image (400 above it)"),
+        max_pixels: int = typer.Option(8_388_608, "--max-pixels", min=1,
+                                       help="Pixels per image from its header, a JPEG at its draft scale (400 above it)"),
+        max_decoded_mb: float = typer.Option(32.0, "--max-decoded-mb", min=0.001,
+                                             help="Bytes one image decodes to, mode and bit depth included (400 above it)"),
+        max_request_pixels: int = typer.Option(4 * 8_388_608, "--max-request-pixels", min=1,
+                                               help="Pixels over all images of one request (413 above it)"),
+        decode_slots: int = typer.Option(0, "--decode-slots", min=0, help="Images decoded at once (0: one per core)"),
+        forwarded_allow_ips: Optional[str] = typer.Option(
+            None, "--forwarded-allow-ips",
+            help="Comma-separated proxy addresses whose X-Forwarded-For names the client (default: none trusted)"),
         admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="CGIL_ADMIN_TOKEN",
-                                                  help="Token for POST /v1/admin/reload from non-loopback peers"),
+                                                  help="Token for POST /v1/admin/reload (a wrong one is 403 from anywhere)"),
         loopback_admin: bool = typer.Option(True, "--loopback-admin/--no-loopback-admin",
-                                            help="Allow admin calls from loopback peers without the token"),
+                                            help="Allow admin calls without a token from direct (not proxied) loopback peers"),
         watch: float = typer.Option(0.25, "--watch", help="Seconds between checks of heads/CURRENT (0: admin reload only)"),
         threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads (0: default)"),
         log_level: str = typer.Option("info", "--log-level"),
@@ -42,7 +51,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = ServeConfig(bundle, backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                           max_body_bytes=int(max_body_mb * 1024 * 1024), max_images_per_request=max_images, max_pixels=max_pixels,
-                          admin_token=admin_token, admin_loopback=loopback_admin, watch_interval_s=watch, threads=threads)
+                          max_decoded_bytes=int(max_decoded_mb * 1024 * 1024), max_request_pixels=max_request_pixels,
+                          decode_slots=decode_slots, forwarded_allow_ips=forwarded_allow_ips, admin_token=admin_token, admin_loopback=loopback_admin, watch_interval_s=watch, threads=threads)
         console.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
         serve(cfg, host, port, log_level)
 

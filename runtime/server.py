@@ -18,12 +18,14 @@ No torch is imported here (with the onnxruntime / tensorrt backends).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import io
 import ipaddress
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from fastapi import Query, Request
 from pydantic import BaseModel
 
 from .errors import CgilError
+from .images import SERVE_FORMATS
 
 from .batching import Batcher, HeadManager, QueueFull
 from .metrics import Metrics
@@ -52,7 +55,13 @@ class ServeConfig:
     max_queue: int = 256  # images waiting for the engine
     max_body_bytes: int = 16 * 1024 * 1024
     max_images_per_request: int = 64
-    max_pixels: int = 40_000_000  # per decoded image (a small compressed body can hold a huge image)
+    # A 224-px classifier gains nothing from more than ~8 MP; a small compressed body can declare a huge
+    # image, so pixels and decoded bytes (mode and bit depth count) are checked from the header.
+    max_pixels: int = 8_388_608  # per image (8 MP, e.g. 4096 x 2048; a JPEG counts at its draft scale)
+    max_decoded_bytes: int = 32 * 1024 * 1024  # per image, what the decoder produces (16-bit samples count twice)
+    max_request_pixels: int = 4 * 8_388_608  # over all images of one request
+    decode_slots: int = 0  # images decoded at once (0: one per core)
+    forwarded_allow_ips: Optional[str] = None  # proxies whose X-Forwarded-For is trusted (none by default)
     admin_token: Optional[str] = None
     admin_loopback: bool = True  # loopback peers may reload without the token
     watch_interval_s: float = 0.25  # 0: no file watch (admin reload only)
@@ -61,6 +70,8 @@ class ServeConfig:
     def check(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.max_body_bytes < 1:
             raise CgilError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0")
+        if min(self.max_pixels, self.max_decoded_bytes, self.max_request_pixels) < 1 or self.decode_slots < 0:
+            raise CgilError("--max-pixels, --max-decoded-mb and --max-request-pixels must be positive")
 
 
 class Result(BaseModel):
@@ -92,24 +103,63 @@ def is_loopback(host: Optional[str]) -> bool:
         return False
 
 
-def decode_image(data: bytes, preprocess, what: str, max_pixels: int = 40_000_000) -> np.ndarray:
-    from PIL import Image
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def forwarded(request: Request) -> bool:
+    """The request came through a proxy (it names an original client)."""
+    return any(h in request.headers for h in FORWARDING_HEADERS)
+
+
+def decode_image(data: bytes, preprocess, what: str, max_pixels: int = 8_388_608,
+                 max_bytes: int = 32 * 1024 * 1024) -> np.ndarray:
+    """Untrusted bytes -> the model's uint8 pixels, within the limits of runtime.images.open_bounded."""
+    from .images import open_bounded
 
     if not data:
         raise CgilError(f"{what}: empty image")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > max_pixels:  # checked from the header, before decoding
-                raise CgilError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels}")
-            img.load()
-            return preprocess.pixels(img.copy())
+        img = open_bounded(data, max_pixels, max_bytes, min(preprocess.size))
+        try:
+            return preprocess.pixels(img)
+        finally:
+            img.close()
     except CgilError as e:
         raise CgilError(f"{what}: {e}") from e
     except Exception as e:  # PIL raises many types for malformed files (UnidentifiedImageError, OSError, SyntaxError...)
         from PIL import UnidentifiedImageError
 
-        why = "not a recognised image format" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        why = ("not an accepted image format (PNG, JPEG, WebP, BMP, GIF, TIFF)"
+               if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}")
         raise CgilError(f"{what}: cannot decode image ({why}, {len(data)} bytes)") from e
+
+
+def header_pixels(data: bytes) -> int:
+    """Pixels an image declares in its header (0 if it has none we accept: decoding will say why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=SERVE_FORMATS) as img:
+            return img.width * img.height
+    except Exception:
+        return 0
+
+
+class DecodeSlots:
+    """At most `slots` images decode at once (one per core: decoding is CPU work, more threads only add
+    memory); the other requests wait here, in anyio's thread pool, holding only their compressed bytes."""
+
+    def __init__(self, slots: int):
+        self.slots = max(1, slots)
+        self.semaphore = threading.BoundedSemaphore(self.slots)
+
+    def decode(self, data: bytes, preprocess, what: str, cfg: "ServeConfig", metrics) -> np.ndarray:
+        with self.semaphore:
+            t0 = time.thread_time()  # CPU seconds of this thread: the cost of the image, not of the machine's load
+            try:
+                return decode_image(data, preprocess, what, cfg.max_pixels, cfg.max_decoded_bytes)
+            finally:
+                metrics.decoded(time.thread_time() - t0)
 
 
 def create_app(cfg: ServeConfig, classifier=None):
@@ -128,6 +178,7 @@ def create_app(cfg: ServeConfig, classifier=None):
     metrics = Metrics(cfg.max_batch)
     batcher = Batcher(classifier, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue, metrics)
     heads = HeadManager(classifier, metrics, cfg.watch_interval_s)
+    slots = DecodeSlots(cfg.decode_slots or os.cpu_count() or 1)
     token = cfg.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
     state = {"ready": False}
 
@@ -213,10 +264,14 @@ def create_app(cfg: ServeConfig, classifier=None):
             return error(413, f"{len(parts)} images in one request; at most {cfg.max_images_per_request}")
         if len(parts) > cfg.max_queue:
             return error(413, f"{len(parts)} images exceed the queue size {cfg.max_queue}")
+        declared = sum(header_pixels(data) for _, data in parts) if len(parts) > 1 else 0  # one: its own limit
+        if declared > cfg.max_request_pixels:
+            return error(413, f"the images of this request declare {declared} pixels in all; "
+                              f"at most {cfg.max_request_pixels} per request")
         pre = classifier.preprocess
 
         def decode() -> np.ndarray:
-            return np.stack([decode_image(data, pre, what, cfg.max_pixels) for what, data in parts])
+            return np.stack([slots.decode(data, pre, what, cfg, metrics) for what, data in parts])
 
         try:
             pixels = await run_in_threadpool(decode)
@@ -245,7 +300,13 @@ def create_app(cfg: ServeConfig, classifier=None):
     def readyz():
         if not state["ready"]:
             return error(503, "engine not loaded yet")
-        return {"status": "ready", "head_version": classifier.head.version, "backend": classifier.backend.name}
+        if not heads.watching:
+            return error(503, "the head watcher has stopped: updates of heads/CURRENT are not followed")
+        body = {"status": "ready", "head_version": classifier.head.version, "backend": classifier.backend.name,
+                "head_watch": {"ok": heads.last_error is None, "error": heads.last_error}}
+        if heads.last_error is not None:  # still answering with the old head, but not following the bundle
+            body["status"] = "degraded"
+        return body
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus():
@@ -260,10 +321,13 @@ def create_app(cfg: ServeConfig, classifier=None):
         given = request.headers.get("authorization", "")
         given = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-admin-token", "")
         peer = request.client.host if request.client else None
-        authorised = (token is not None and bool(given) and hmac.compare_digest(given.encode(), token.encode())) or \
-            (cfg.admin_loopback and is_loopback(peer))
+        if given:  # a token that is given must be the right one, from loopback too
+            authorised = token is not None and hmac.compare_digest(given.encode(), token.encode())
+        else:  # a forwarded request's real client is elsewhere, whatever the proxy's own address
+            authorised = cfg.admin_loopback and is_loopback(peer) and not forwarded(request)
         if not authorised:
-            return error(403, "admin endpoints need a loopback peer or a valid admin token")
+            return error(403, "admin endpoints need a valid admin token, or a direct (not proxied) loopback peer "
+                              "without a token")
         try:
             return await run_in_threadpool(heads.reload, True)
         except CgilError as e:
@@ -274,18 +338,35 @@ def create_app(cfg: ServeConfig, classifier=None):
 
 # ---------------------------------------------------------------- running it
 
-def make_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
+def make_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+                forwarded_allow_ips: Optional[str] = None):
+    """uvicorn reads X-Forwarded-For only from the proxies named in `forwarded_allow_ips` (none by default)."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            proxy_headers=True, forwarded_allow_ips="127.0.0.1,::1", timeout_graceful_shutdown=5)
+                            proxy_headers=bool(forwarded_allow_ips), forwarded_allow_ips=forwarded_allow_ips or "",
+                            timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
 
 
+def return_freed_memory() -> None:
+    """glibc only: serve every allocation of 1 MB or more with its own mmap, returned to the system when freed.
+
+    Decoded images are tens of MB, allocated and freed by anyio's many worker threads; with glibc's
+    default (a threshold that grows up to 32 MB and one heap per thread) they stay in the process
+    after the request, and peak memory grows with the number of threads that ever decoded.
+    """
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
+
+
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    return_freed_memory()
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(message)s")
     app = create_app(cfg)
-    make_server(app, host, port, log_level).run()
+    make_server(app, host, port, log_level, cfg.forwarded_allow_ips).run()
 
 
 def percentile(values: list[float], p: float) -> float:

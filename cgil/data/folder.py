@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runtime.errors import CgilError
+from runtime.names import clean_names, folder_class_name
 from .base import IMAGE_EXTENSIONS, ImageDataset, Split, fingerprint_files
 
 
@@ -49,7 +50,7 @@ def load_folder_dataset(root: str | Path) -> ImageDataset:
     return ImageDataset(
         name=f"folder:{root}",
         dataset_id=f"folder:{root}:{fingerprint_files(all_files, root)}",
-        classnames=[n.replace("_", " ") for n in folder_names],
+        classnames=clean_names([folder_class_name(n) for n in folder_names], where=f"class folder in {root}"),
         train=splits["train"],
         test=splits["test"],
         meta={"folder_names": folder_names},
