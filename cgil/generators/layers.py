@@ -109,7 +109,7 @@ class MinMaxZScore:
             lo, hi = f.amin(0), f.amax(0)
             rng = (hi - lo).clamp_min(eps)
             u = (f - lo) / rng
-            mean, std = u.mean(0), u.std(0, unbiased=False).clamp_min(eps)
+            mean, std = u.mean(0), u.std(0).clamp_min(eps)  # unbiased, as the reference's torch.std
             scales.append(std * rng)
             shifts.append(mean * rng + lo)
         return cls(scale=torch.stack(scales).unsqueeze(1), shift=torch.stack(shifts).unsqueeze(1))
