@@ -153,3 +153,28 @@ def test_wrong_feature_dimension_is_refused():
     gen = make_generators(GeneratorConfig(kind="gauss"), [0], D)
     with pytest.raises(CgilError, match="expected"):
         gen.fit([torch.randn(10, D + 1)], seed=0)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_batched_adam_matches_torch_adam_per_class(weight_decay):
+    """Each class's slice follows torch.optim.Adam(W) at that class's learning rate; a class at rate 0
+    (finished) is left untouched."""
+    from cgil.generators.layers import BatchedAdam
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 5, 4, generator=g)
+    batched = torch.nn.Parameter(w.clone())
+    opt = BatchedAdam([batched], weight_decay=weight_decay)
+    singles = [torch.nn.Parameter(w[k].clone()) for k in range(3)]
+    torch_cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
+    opts = [torch_cls([p], lr=lr, weight_decay=weight_decay) for p, lr in zip(singles, (1e-2, 3e-3))]
+    for it in range(100):
+        grad = torch.randn(3, 5, 4, generator=g)
+        batched.grad = grad.clone()
+        opt.step(torch.tensor([1e-2, 3e-3, 0.0]))
+        for k, o in enumerate(opts):
+            singles[k].grad = grad[k].clone()
+            o.step()
+    for k in range(2):
+        torch.testing.assert_close(batched.data[k], singles[k].data, atol=1e-5, rtol=1e-5)
+    assert torch.equal(batched.data[2], w[2])
