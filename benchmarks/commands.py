@@ -16,6 +16,7 @@ BENCHMARKS = {
     "update": "cost of one task update as seen classes grow (generators, alignment, text path)",
     "accuracy": "CGIL per generator vs zero-shot, joint and sequential; heatmaps and curves",
     "store": "replay-store bytes per class (fp32/fp16/int8) vs raw features/images, with accuracy",
+    "fidelity": "cgil vs the reference implementation on identical inputs: replay variance/FD per class, accuracy",
     "serve": "HTTP serving latency before/during hot swaps, on-device update phases, store bytes, fp16 store effect",
 }
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

@@ -1,0 +1,222 @@
+"""`cgil bench fidelity`: cgil against the reference CGIL implementation on identical inputs.
+
+The reference results are a fixture file measured with the authors' code on cgil's own digits
+features (`../shared/fidelity/reference_digits.json` next to the repository, or `--reference PATH`);
+it is read at run time and its settings (model, model seed, VAE passes / lr / widths, alignment
+epochs / lr) are the settings cgil runs with here. Two measurements:
+
+1. Replay, per class: the class's VAE is fitted on its real training features (one batched fit of all
+   classes; a class's generator sees only its own features, so this does not depend on the class
+   order), then 1000 samples are compared with those features: variance ratio tr C_gen / tr C_real and
+   Frechet distance, averaged over the generator seeds (range shown), next to the reference's values
+   (one reference seed). Targets: ratio within +-15% of the reference's,
+   FD <= 1.2x the reference's. Both VAE objectives are measured unless `--objectives` says otherwise.
+2. End to end: full `cgil train` runs for every class order of the fixture x `--gen-seeds` generator
+   seeds: final average accuracy per order, mean and spread, against the reference's (target: mean over
+   orders x seeds >= the reference's mean - 1 point). CPU seconds (process time) per run are reported.
+
+`--quick` is a smoke run with tiny budgets (seconds): it exercises the code, it measures nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from benchmarks.common import add_threads_option, apply_threads, log, machine, markdown_table, write_results
+
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fidelity" / "reference_digits.json"
+RATIO_TOLERANCE = 0.15
+FD_FACTOR = 1.2
+ACCURACY_MARGIN = 1.0
+
+
+def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cgil bench fidelity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, help="the reference fixture (JSON)")
+    p.add_argument("--objectives", nargs="+", default=["reference", "textbook"], help="VAE objectives for the replay table")
+    p.add_argument("--gen-seeds", type=int, nargs="+", default=[0, 1, 2], help="generator seeds per class order")
+    p.add_argument("--orders", type=int, nargs="*", default=None, help="class-order seeds (default: the fixture's)")
+    p.add_argument("--skip-end-to-end", action="store_true", help="replay table only")
+    p.add_argument("--skip-replay", action="store_true", help="end-to-end runs only")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run, not a measurement")
+    add_threads_option(p)
+    p.add_argument("--out-dir", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def load_reference(path: Path) -> dict[str, Any]:
+    from cgil.errors import CgilError
+
+    if not path.exists():
+        raise CgilError(f"reference fixture not found: {path} (give --reference PATH)")
+    return json.loads(path.read_text())
+
+
+def train_config(ref: dict[str, Any], order: int, gen_seed: Optional[int], quick: bool):
+    from cgil.config import TrainConfig
+
+    inp, st = ref["inputs"], ref["settings"]
+    cfg = TrainConfig.for_dataset(inp["dataset"].split()[0], model=inp["model"], model_seed=inp["model_seed"],
+                                  pretrained=inp["pretrained"], seed=order, method="cgil", generator=st["generator"])
+    cfg.generator.passes = 2 if quick else st["vae_passes"]
+    cfg.generator.lr = st["vae_lr"]
+    cfg.generator.hidden_dim, cfg.generator.latent_dim = st["vae_hidden"], st["vae_latent"]
+    cfg.generator.seed = gen_seed
+    cfg.align.epochs = 2 if quick else st["align_epochs"]
+    cfg.align.lr = st["align_lr"]
+    cfg.align.batch_size, cfg.align.samples_per_class = st["batch"], st["samples_per_class"]
+    cfg.n_ctx = st["n_ctx"]
+    return cfg
+
+
+def class_features(ref: dict[str, Any], runs_dir: Path):
+    """{class id: real training features}, through cgil's own feature path (cached like a run's)."""
+    from cgil.features import default_cache_dir
+    from cgil.progress import Reporter
+    from cgil.train import prepare
+
+    ctx = prepare(train_config(ref, 0, None, True), runs_dir / "features", False, Reporter(enabled=False),
+                  default_cache_dir())
+    out = {}
+    for t in range(ctx.scenario.num_tasks):
+        feats, labels = ctx.features("train", t)
+        for c in labels.unique().tolist():
+            out[int(c)] = feats[labels == c]
+    return dict(sorted(out.items()))
+
+
+def replay_rows(ref: dict[str, Any], feats: dict[int, torch.Tensor], objective: str, seeds: Sequence[int],
+                quick: bool):
+    """Per class: replay quality for each generator seed, its mean and range, against the reference's."""
+    from cgil.generators import make_generators
+    from cgil.metrics import REPLAY_SAMPLES, replay_quality
+
+    ids = list(feats)
+    per_seed: dict[int, list[dict]] = {c: [] for c in ids}
+    cpu = []
+    for seed in seeds:
+        cfg = train_config(ref, 0, seed, quick).generator
+        cfg.vae_objective = objective
+        group = make_generators(cfg, ids, next(iter(feats.values())).shape[1])
+        start = time.process_time()
+        group.fit([feats[c] for c in ids], seed=seed)
+        cpu.append(time.process_time() - start)
+        samples = group.sample(REPLAY_SAMPLES, torch.Generator().manual_seed(seed)).cpu()
+        for k, c in enumerate(ids):
+            per_seed[c].append(replay_quality(samples[k].numpy(), feats[c].numpy()))
+    rows = []
+    for c in ids:
+        ratios = [q["variance_ratio"] for q in per_seed[c]]
+        fds = [q["frechet"] for q in per_seed[c]]
+        ratio, fd = statistics.mean(ratios), statistics.mean(fds)
+        r = ref["replay_per_class"].get(str(c), {})
+        ratio_rel = ratio / r["variance_ratio"] if r else None
+        fd_rel = fd / r["frechet"] if r else None
+        rows.append({"objective": objective, "class": c, "variance_ratio": ratio,
+                     "ratio_range": f"{min(ratios):.3f}-{max(ratios):.3f}", "ref_variance_ratio": r.get("variance_ratio"),
+                     "ratio_vs_ref": ratio_rel, "frechet": fd, "fd_range": f"{min(fds):.3f}-{max(fds):.3f}",
+                     "ref_frechet": r.get("frechet"), "fd_vs_ref": fd_rel,
+                     "ratio_ok": ratio_rel is not None and abs(ratio_rel - 1) <= RATIO_TOLERANCE,
+                     "fd_ok": fd_rel is not None and fd_rel <= FD_FACTOR})
+    return rows, cpu
+
+
+def end_to_end(ref: dict[str, Any], orders: Sequence[int], seeds: Sequence[int], runs_dir: Path, quick: bool):
+    from cgil.progress import Reporter
+    from cgil.train import run
+
+    rows = []
+    for order in orders:
+        accs = []
+        for s in seeds:
+            cfg = train_config(ref, order, s, quick)
+            start = time.process_time()
+            m = run(cfg, runs_dir / f"order{order}-seed{s}", reporter=Reporter(enabled=False))
+            cpu = time.process_time() - start
+            accs.append(m["final_avg_acc"])
+            log(f"order {order} gen seed {s}: final avg acc {m['final_avg_acc']:.2f}%  cpu {cpu:.1f}s  "
+                f"(generators {m['timings']['generators']:.1f}s wall, alignment {m['timings']['alignment']:.1f}s wall)")
+            rows.append({"order": order, "gen_seed": s, "final_avg_acc": m["final_avg_acc"], "cpu_s": cpu,
+                         "fit_wall_s": m["timings"]["generators"], "align_wall_s": m["timings"]["alignment"]})
+        refacc = ref["end_to_end"].get(str(order), {}).get("final_avg_acc")
+        log(f"order {order}: cgil {statistics.mean(accs):.2f} (min {min(accs):.2f}, max {max(accs):.2f}) "
+            f"vs reference {refacc}")
+    return rows
+
+
+def summary(replay: list[dict], e2e: list[dict], ref: dict[str, Any], orders: Sequence[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for obj in sorted({r["objective"] for r in replay}):
+        rows = [r for r in replay if r["objective"] == obj]
+        out[f"replay[{obj}]"] = {
+            "mean_variance_ratio": statistics.mean(r["variance_ratio"] for r in rows),
+            "ref_mean_variance_ratio": statistics.mean(r["ref_variance_ratio"] for r in rows),
+            "mean_frechet": statistics.mean(r["frechet"] for r in rows),
+            "ref_mean_frechet": statistics.mean(r["ref_frechet"] for r in rows),
+            "classes_ratio_within_15pct": sum(r["ratio_ok"] for r in rows),
+            "classes_fd_within_1.2x": sum(r["fd_ok"] for r in rows),
+            "classes": len(rows),
+        }
+    if e2e:
+        accs = [r["final_avg_acc"] for r in e2e]
+        refs = [ref["end_to_end"][str(o)]["final_avg_acc"] for o in orders if str(o) in ref["end_to_end"]]
+        mean = statistics.mean(accs)
+        ref_mean = statistics.mean(refs) if refs else None
+        out["end_to_end"] = {
+            "mean": mean, "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0, "min": min(accs),
+            "max": max(accs), "runs": len(accs), "ref_mean": ref_mean,
+            "per_order": {str(o): statistics.mean(r["final_avg_acc"] for r in e2e if r["order"] == o) for o in orders},
+            "target_met": ref_mean is not None and mean >= ref_mean - ACCURACY_MARGIN,
+            "cpu_s_per_run_mean": statistics.mean(r["cpu_s"] for r in e2e),
+            "ref_cpu_s_note": ref.get("cpu_seconds_note"),
+        }
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parse(argv)
+    apply_threads(args.threads)
+    ref = load_reference(args.reference)
+    orders = args.orders if args.orders is not None else [int(o) for o in ref["end_to_end"]]
+    seeds = args.gen_seeds[:1] if args.quick else args.gen_seeds
+    if args.quick:
+        orders = orders[:1]
+    replay, cpu = [], {}
+    with tempfile.TemporaryDirectory(prefix="cgil-bench-fidelity-") as tmp:
+        if not args.skip_replay:
+            feats = class_features(ref, Path(tmp))
+            for obj in args.objectives:
+                log(f"replay: fitting {len(feats)} VAEs ({obj} objective)")
+                rows, cpu[obj] = replay_rows(ref, feats, obj, seeds, args.quick)
+                replay += rows
+        e2e = [] if args.skip_end_to_end else end_to_end(ref, orders, seeds, Path(tmp), args.quick)
+    summ = summary(replay, e2e, ref, orders)
+    command = "cgil bench fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"command": command.strip(), "threads": torch.get_num_threads(), "reference": str(args.reference),
+            "settings": ref["settings"], "quick": args.quick, "summary": summ, "replay_fit_cpu_s": cpu,
+            "end_to_end": e2e,
+            "targets": {"variance_ratio": f"within +-{RATIO_TOLERANCE:.0%} of the reference's, per class",
+                        "frechet": f"<= {FD_FACTOR}x the reference's, per class",
+                        "end_to_end": f"mean over orders x seeds >= reference mean - {ACCURACY_MARGIN} point"}}
+    name = "fidelity-quick" if args.quick else "fidelity"
+    columns = ["objective", "class", "variance_ratio", "ratio_range", "ref_variance_ratio", "ratio_vs_ref",
+               "frechet", "fd_range", "ref_frechet", "fd_vs_ref", "ratio_ok", "fd_ok"]
+    path = write_results(name, replay, meta, out_dir=args.out_dir, columns=columns)
+    text = (f"# fidelity vs the reference implementation\n\nCommand: `{meta['command']}`\n\n"
+            + markdown_table(replay, columns) + "\n" + markdown_table(e2e) + "\nSummary:\n\n```\n"
+            + json.dumps(summ, indent=1) + "\n```\n")
+    path.with_suffix(".md").write_text(f"Machine: {machine()}\n\n" + text)
+    print(text)
+    return {"json": str(path), "summary": summ}
+
+
+if __name__ == "__main__":
+    main()
