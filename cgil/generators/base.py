@@ -26,6 +26,7 @@ class GeneratorConfig:
     components: int = 5  # MoG
     em_steps: int = 500  # MoG
     em_tol: float = 1e-3  # MoG: stop when the mean log-likelihood gains less than this
+    mog_estep: str = "exact"  # MoG: "exact" Gaussian responsibilities, or the reference code's ("reference")
     diffusion_steps: int = 32
     diffusion_hidden: int = 256
     diffusion_layers: int = 5
