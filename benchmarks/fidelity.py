@@ -207,7 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                         "frechet": f"<= {FD_FACTOR}x the reference's, per class",
                         "end_to_end": f"mean over orders x seeds >= reference mean - {ACCURACY_MARGIN} point"}}
     name = "fidelity" + ("-quick" if args.quick else "") + ("-replay" if args.skip_end_to_end else "") + (
-        "-end-to-end" if args.skip_replay else "")
+        "-end-to-end" if args.skip_replay else "") + (
+        "-orders-" + "-".join(map(str, orders)) if args.orders is not None else "")
     columns = ["objective", "class", "variance_ratio", "ratio_range", "ref_variance_ratio", "ratio_vs_ref",
                "frechet", "fd_range", "ref_frechet", "fd_vs_ref", "ratio_ok", "fd_ok"]
     path = write_results(name, replay, meta, out_dir=args.out_dir, columns=columns)
