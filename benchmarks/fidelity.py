@@ -46,6 +46,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--orders", type=int, nargs="*", default=None, help="class-order seeds (default: the fixture's)")
     p.add_argument("--skip-end-to-end", action="store_true", help="replay table only")
     p.add_argument("--skip-replay", action="store_true", help="end-to-end runs only")
+    p.add_argument("--reference-code", type=Path, default=None,
+                   help="a checkout of aimagelab/mammoth: also fit its own generators on the same features")
+    p.add_argument("--reference-kinds", nargs="+", default=["vae"], help="with --reference-code: vae mog gauss diffusion")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run, not a measurement")
     add_threads_option(p)
     p.add_argument("--out-dir", type=Path, default=None)
@@ -197,18 +200,29 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 log(f"replay: fitting {len(feats)} VAEs ({obj} objective)")
                 rows, cpu[obj] = replay_rows(ref, feats, obj, seeds, args.quick)
                 replay += rows
+        ref_code = []
+        if args.reference_code is not None:
+            feats = feats if not args.skip_replay else class_features(ref, Path(tmp))
+            ref_code = reference_code_replay(args.reference_code, feats, args.reference_kinds, seeds)
         e2e = [] if args.skip_end_to_end else end_to_end(ref, orders, seeds, Path(tmp), args.quick)
     summ = summary(replay, e2e, ref, orders)
+    for kind in sorted({r["kind"] for r in ref_code}):
+        rows = [r for r in ref_code if r["kind"] == kind]
+        summ[f"reference_code[{kind}]"] = {"mean_variance_ratio": statistics.mean(r["variance_ratio"] for r in rows),
+                                           "mean_frechet": statistics.mean(r["frechet"] for r in rows),
+                                           "fit_cpu_s_per_class": statistics.mean(r["fit_cpu_s"] for r in rows),
+                                           "seeds": sorted({r["seed"] for r in rows})}
     command = "cgil bench fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "threads": torch.get_num_threads(), "reference": str(args.reference),
             "settings": ref["settings"], "quick": args.quick, "summary": summ, "replay_fit_cpu_s": cpu,
-            "end_to_end": e2e,
+            "end_to_end": e2e, "reference_code": ref_code,
             "targets": {"variance_ratio": f"within +-{RATIO_TOLERANCE:.0%} of the reference's, per class",
                         "frechet": f"<= {FD_FACTOR}x the reference's, per class",
                         "end_to_end": f"mean over orders x seeds >= reference mean - {ACCURACY_MARGIN} point"}}
     name = "fidelity" + ("-quick" if args.quick else "") + ("-replay" if args.skip_end_to_end else "") + (
         "-end-to-end" if args.skip_replay else "") + (
-        "-orders-" + "-".join(map(str, orders)) if args.orders is not None else "")
+        "-orders-" + "-".join(map(str, orders)) if args.orders is not None else "") + (
+        "-with-reference-code" if args.reference_code is not None else "")
     columns = ["objective", "class", "variance_ratio", "ratio_range", "ref_variance_ratio", "ratio_vs_ref",
                "frechet", "fd_range", "ref_frechet", "fd_vs_ref", "ratio_ok", "fd_ok"]
     path = write_results(name, replay, meta, out_dir=args.out_dir, columns=columns)
@@ -220,8 +234,50 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     return {"json": str(path), "summary": summ}
 
 
-if __name__ == "__main__":
-    main()
+
+# ---------------------------------------------------------------- the reference's own code, run here
+
+def reference_code_replay(code_dir: Path, feats: dict[int, torch.Tensor], kinds: Sequence[str],
+                          seeds: Sequence[int]) -> list[dict]:
+    """Fit the reference's own generator modules (a checkout of aimagelab/mammoth, unmodified; `wandb` stubbed)
+    on the same per-class features, with the constructor arguments its models/cgil_utils/cgil_utils.py uses,
+    and score 1000 samples per class with the same replay_quality as cgil's. CPU time per fit."""
+    import types
+
+    import numpy as np
+
+    from cgil.metrics import REPLAY_SAMPLES, replay_quality
+
+    sys.modules.setdefault("wandb", types.SimpleNamespace(run=None))
+    sys.path.insert(0, str(code_dir))
+    from models.cgil_utils.diffusion import DiffusionCA
+    from models.cgil_utils.generative_replay import Gaussian, MixtureOfGaussiansModel
+    from models.cgil_utils.vae import VariationalAutoEncoderModel
+
+    rows = []
+    for kind in kinds:
+        for seed in seeds:
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            for c, x in feats.items():
+                if kind == "vae":
+                    m = VariationalAutoEncoderModel(x.shape[1], 512, 256, lr=2e-4, class_idx=c, n_iters=500)
+                elif kind == "mog":
+                    m = MixtureOfGaussiansModel(x.shape[1], n_components=5, n_iters=500)
+                elif kind == "gauss":
+                    m = Gaussian(x.shape[1])
+                else:
+                    m = DiffusionCA(x.shape[1], "cpu", target="img", num_hidden=5, hidden_dim=256, n_iters=500,
+                                    class_idx=c)
+                start = time.process_time()
+                m.fit(x.clone())
+                cpu = time.process_time() - start
+                with torch.no_grad():
+                    samples = m(REPLAY_SAMPLES)
+                q = replay_quality(samples.detach().numpy(), x.numpy())
+                rows.append({"side": "reference code", "kind": kind, "seed": seed, "class": c, "fit_cpu_s": cpu, **q})
+                log(f"reference {kind} seed {seed} class {c}: ratio {q['variance_ratio']:.3f} FD {q['frechet']:.3f}")
+    return rows
 
 
 # ---------------------------------------------------------------- speed: cgil's fit vs a reference-style loop
@@ -308,3 +364,7 @@ def fit_speed_vs_reference(dim: int = 64, classes: int = 2, n: int = 124, passes
             "gemm_peak_gflops": peak, "cgil_gflops": flops / min(ours) / 1e9,
             "cgil_pct_of_gemm_peak": 100 * flops / min(ours) / 1e9 / peak,
             "reference_style_pct_of_gemm_peak": 100 * flops / min(ref) / 1e9 / peak}
+
+
+if __name__ == "__main__":
+    main()
