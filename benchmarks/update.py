@@ -323,6 +323,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="interleaved timed runs per point, minimum reported (default 2; quick 1)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of a VAE fit")
     p.add_argument("--skip-align", action="store_true", help="generator fitting only")
+    p.add_argument("--reference-passes", type=int, default=None,
+                   help="passes of the side-by-side VAE fit vs a reference-style loop (default 20; 0 skips it)")
     p.add_argument("--seed", type=int, default=0)
     add_threads_option(p)
     p.add_argument("--out-dir", type=Path, default=None, help="where results go (default benchmarks/results)")
@@ -353,6 +355,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         profile = profile_fit("vae", max(dims), k, n, 1 if quick else 2, args.seed)
         log("  profile of a batched VAE fit: " + ", ".join(
             f"{p['phase']} {100 * p['share']:.0f}%" for p in profile["phases"]))
+    vs_reference: dict = {}
+    ref_passes = args.reference_passes if args.reference_passes is not None else (1 if quick else 20)
+    if ref_passes and "vae" in args.generators:
+        from benchmarks.fidelity import fit_speed_vs_reference
+
+        vs_reference = fit_speed_vs_reference(passes=ref_passes, repeats=args.repeats or (1 if quick else 2))
+        log(f"  VAE fit vs reference-style loop (digits task: D=64, 2 classes x 124): CPU "
+            f"x{vs_reference['speedup_cpu_x']:.2f}, {vs_reference['cgil_pct_of_gemm_peak']:.0f}% of GEMM peak")
     align_rows = []
     if not args.skip_align:
         if quick:  # the smoke run uses our tiny text tower instead of ViT-B-16
@@ -388,6 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             "load_average in meta); wall time is inflated by whatever else runs",
         ],
         "profile_batched_vae_fit": profile,
+        "vae_fit_vs_reference_style": vs_reference,
         "fit": fit_rows,
         "align": align_rows,
     }
@@ -396,6 +407,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     md = ["# update: one task update", "", f"Command: `{meta['command']}`", ""]
     fit_table = [{k: v for k, v in r.items() if k != "second_budget"} for r in fit_rows]
     md += ["## Generator fitting, batched vs one class at a time", "", markdown_table(fit_table)]
+    if vs_reference:
+        md += ["## VAE fit of one digits task: cgil vs a reference-style loop (torch.optim.Adam, DataLoader of 64, "
+               "scheduler per pass), same process, CPU time", "", markdown_table([vs_reference])]
     if align_rows:
         md += ["## Alignment step, truncated vs full 77-token text path", "", markdown_table(align_rows)]
     if profile:

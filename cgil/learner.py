@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .clip import FrozenClip
 from .generators import ClassGenerators, GeneratorConfig, load_generators, make_generators
+from .metrics import REPLAY_SAMPLES, replay_quality
 from .prompts import PromptLearner
 from .text import TextEncoder, normalize
 
@@ -81,6 +82,15 @@ class Learner:
         stats = group.fit(per_class, seed=seed, progress=progress)
         self.store.append(group)
         return stats
+
+    @torch.no_grad()
+    def replay_quality(self, group: ClassGenerators, feats: torch.Tensor, labels: torch.Tensor, seed: int,
+                       samples: int = REPLAY_SAMPLES) -> dict[str, dict]:
+        """Per class of `group`: variance ratio and Frechet distance of `samples` generated embeddings
+        against the class's real features. Draws from its own RNG, so it changes no other result."""
+        generated = group.sample(samples, torch.Generator().manual_seed(derive_seed(seed, 104729))).cpu()
+        return {str(c): replay_quality(generated[k].numpy(), feats[labels == c].cpu().float().numpy())
+                for k, c in enumerate(group.class_ids)}
 
     def add_generators(self, class_ids: Sequence[int], state: dict[str, torch.Tensor], dim: int) -> None:
         self.store.append(load_generators(self.gen_cfg, class_ids, dim, state).to(self.device))

@@ -65,3 +65,36 @@ def summarize(acc: Matrix, test_sizes: Sequence[int], transfer_matrix: Matrix,
     if transfer_unnormalised_matrix is not None:
         out["transfer_unnormalised"] = transfer(transfer_unnormalised_matrix)
     return out
+
+
+# ---------------------------------------------------------------- replay quality (per fitted class)
+
+REPLAY_SAMPLES = 1000  # generated samples per class compared with the class's real features
+COLLAPSE_RATIO = 0.1  # replay with less than this share of the real features' variance is flagged
+
+
+def frechet_distance(a, b) -> float:
+    """|mean_a - mean_b|^2 + tr(Ca + Cb - 2 (Ca Cb)^1/2) of two (n, D) samples (unbiased covariances).
+
+    tr (Ca Cb)^1/2 = sum of sqrt(eigenvalues of Ca^1/2 Cb Ca^1/2), a symmetric PSD matrix: no sqrtm needed.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(ca)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ cb @ root), 0, None)).sum()
+    diff = a.mean(0) - b.mean(0)
+    return float(diff @ diff + np.trace(ca) + np.trace(cb) - 2 * cross)
+
+
+def variance_ratio(generated, real) -> float:
+    """tr cov(generated) / tr cov(real): the share of the real features' total variance the replay carries."""
+    g, r = np.asarray(generated, dtype=np.float64), np.asarray(real, dtype=np.float64)
+    return float(g.var(0, ddof=1).sum() / max(r.var(0, ddof=1).sum(), 1e-30))
+
+
+def replay_quality(generated, real) -> dict:
+    """Fidelity of one class's replay: variance ratio, Frechet distance, and a flag for collapse."""
+    ratio = variance_ratio(generated, real)
+    return {"variance_ratio": ratio, "frechet": frechet_distance(generated, real), "n_real": int(len(real)),
+            "n_generated": int(len(generated)), "collapsed": bool(ratio < COLLAPSE_RATIO)}

@@ -95,4 +95,25 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "bytes": sizes,
         "bytes_total": sum(sizes.values()),
         "replay_store_bytes_per_class": sizes.get("store.safetensors", 0) / n,
+        "replay_quality": replay_quality_summary(current),
+    }
+
+
+def replay_quality_summary(current: Path) -> Optional[dict[str, Any]]:
+    """Per fitted class: variance ratio and Frechet distance of its replay against its real features
+    (recorded at fit time), the means, and the classes whose replay collapsed. None for runs without
+    generators or written before this was recorded."""
+    progress = read_json(current / "progress.json") if (current / "progress.json").exists() else {}
+    per_class = progress.get("rows", {}).get("replay_quality")
+    if not per_class:
+        return None
+    ratios = [q["variance_ratio"] for q in per_class.values()]
+    fds = [q["frechet"] for q in per_class.values()]
+    return {
+        "mean_variance_ratio": sum(ratios) / len(ratios),
+        "min_variance_ratio": min(ratios),
+        "mean_frechet": sum(fds) / len(fds),
+        "max_frechet": max(fds),
+        "collapsed_classes": [c for c, q in per_class.items() if q["collapsed"]],
+        "per_class": per_class,
     }

@@ -25,7 +25,7 @@ from .evaluate import score_step
 from .features import default_cache_dir, task_features
 from .generators import generator_class
 from .learner import Learner, derive_seed
-from .metrics import summarize
+from .metrics import COLLAPSE_RATIO, summarize
 from .progress import Reporter
 from .scenario import Scenario, task_sizes
 from .state import head_payload, load_learner, save_state, state_dir
@@ -126,16 +126,24 @@ def prepare(cfg: TrainConfig, out: Path, resume: bool, reporter: Reporter, cache
 
 
 def learn_task(ctx: RunContext, learner: Learner, t: int, train: tuple[torch.Tensor, torch.Tensor],
-               seen_train: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+               seen_train: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, dict]:
+    """Learn task t; returns the replay quality of each newly fitted class (empty without generators)."""
     cfg, classes = ctx.cfg, ctx.scenario.task_classes(t)
     learner.add_classes(classes, [ctx.dataset.classnames[c] for c in classes], derive_seed(cfg.seed, t, 1))
+    quality: dict[str, dict] = {}
     if cfg.method == "zeroshot":
-        return
+        return quality
     if cfg.method == "cgil":
+        gen_seed = cfg.seed if cfg.generator.seed is None else cfg.generator.seed
         start = time.perf_counter()
         with ctx.reporter.phase(f"task {t + 1}: fit {cfg.generator.kind} x{len(classes)}") as bar:
-            learner.fit_generators(classes, *train, seed=cfg.seed, progress=bar)
+            learner.fit_generators(classes, *train, seed=gen_seed, progress=bar)
         ctx.timings["generators"] += time.perf_counter() - start
+        quality = learner.replay_quality(learner.store[-1], *train, seed=gen_seed)
+        flagged = [c for c, q in quality.items() if q["collapsed"]]
+        if flagged:
+            ctx.reporter.log(f"warning: replay of class(es) {', '.join(flagged)} carries under "
+                             f"{COLLAPSE_RATIO:.0%} of the real features' variance (collapsed generator)")
         source = learner.replay_source()
     elif cfg.method == "joint":
         source = Learner.real_source(torch.cat([f for f, _ in seen_train]), torch.cat([l for _, l in seen_train]))
@@ -145,6 +153,7 @@ def learn_task(ctx: RunContext, learner: Learner, t: int, train: tuple[torch.Ten
     with ctx.reporter.phase(f"task {t + 1}: align {learner.prompts.num_classes} prompts") as bar:
         learner.align(source, seed=derive_seed(cfg.seed, t, 2), progress=bar)
     ctx.timings["alignment"] += time.perf_counter() - start
+    return quality
 
 
 def keys_for_method(cfg: TrainConfig, learner: Learner) -> torch.Tensor:
@@ -187,7 +196,9 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[
         train = ctx.features("train", t)
         if cfg.method == "joint":
             seen_train.append(train)
-        learn_task(ctx, learner, t, train, seen_train)
+        quality = learn_task(ctx, learner, t, train, seen_train)
+        if quality:
+            rows.setdefault("replay_quality", {}).update(quality)
         start = time.perf_counter()
         scores = score_step(keys_for_method(cfg, learner), learner.class_ids, zero_shot, tests, sc.tasks(), t)
         ctx.timings["eval"] += time.perf_counter() - start

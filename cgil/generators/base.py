@@ -22,12 +22,15 @@ class GeneratorConfig:
     lr: Optional[float] = None  # None: the family's reference default
     latent_dim: int = 256  # VAE
     hidden_dim: int = 512  # VAE
+    vae_objective: str = "reference"  # VAE: "reference" (z = mu + exp(s) eps, the reference's KL) or "textbook"
     components: int = 5  # MoG
     em_steps: int = 500  # MoG
     em_tol: float = 1e-3  # MoG: stop when the mean log-likelihood gains less than this
+    mog_estep: str = "exact"  # MoG: "exact" Gaussian responsibilities, or the reference code's ("reference")
     diffusion_steps: int = 32
     diffusion_hidden: int = 256
     diffusion_layers: int = 5
+    seed: Optional[int] = None  # generator fitting seed; None: the run's seed (which also sets the class order)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 
 def class_seed(seed: int, class_id: int, stream: int = 0) -> int:
@@ -59,9 +60,12 @@ class BatchedBatchNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=1, keepdim=True)
-        var = x.var(dim=1, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        # (K, B, F) -> (B, K*F): per-channel statistics over the batch are per-class, per-feature
+        # statistics, so torch's native batch_norm (one fused pass, fused backward) does all K at once.
+        k, b, f = x.shape
+        y = F.batch_norm(x.transpose(0, 1).reshape(b, k * f), None, None, self.weight.reshape(k * f),
+                         self.bias.reshape(k * f), training=True, eps=self.eps)
+        return y.view(b, k, f).transpose(0, 1)
 
 
 def batch_indices(gens: Sequence[torch.Generator], sizes: Sequence[int], iters: int, batch: int) -> torch.Tensor:
@@ -109,7 +113,7 @@ class MinMaxZScore:
             lo, hi = f.amin(0), f.amax(0)
             rng = (hi - lo).clamp_min(eps)
             u = (f - lo) / rng
-            mean, std = u.mean(0), u.std(0, unbiased=False).clamp_min(eps)
+            mean, std = u.mean(0), u.std(0).clamp_min(eps)  # unbiased, as the reference's torch.std
             scales.append(std * rng)
             shifts.append(mean * rng + lo)
         return cls(scale=torch.stack(scales).unsqueeze(1), shift=torch.stack(shifts).unsqueeze(1))
@@ -150,6 +154,11 @@ class BatchedAdam:
     """Adam / AdamW for parameters whose first dimension is the class, with a learning rate per class.
 
     Same update as torch.optim.Adam(W) element by element; only the step size differs per class.
+    On a CPU each class's slices go through torch's fused Adam kernel (the one behind
+    torch.optim.Adam(fused=True)): one pass over parameter, gradient and moments instead of ~10
+    elementwise passes, each class on its own (its tensors stay in cache), so a class updates the same
+    whether it trains alone or in a batch. A class whose rate is 0 has finished its own iterations
+    (`lr_table`): it is skipped. GPUs take whole tensors with the same formula in plain ops.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], betas=(0.9, 0.999), eps: float = 1e-8,
@@ -159,6 +168,7 @@ class BatchedAdam:
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
         self.steps = 0
+        self._step_t = torch.zeros(())  # the fused kernel reads the step count from a tensor
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -167,17 +177,23 @@ class BatchedAdam:
     @torch.no_grad()
     def step(self, lr: torch.Tensor) -> None:
         self.steps += 1
+        if self.params[0].device.type == "cpu":
+            self._step_t.fill_(self.steps)
+            fused = torch._fused_adamw_ if self.weight_decay else torch._fused_adam_
+            b1, b2 = self.betas
+            for k, rate in enumerate(lr.tolist()):
+                if rate == 0.0:
+                    continue
+                fused([p[k] for p in self.params], [p.grad[k] for p in self.params], [m[k] for m in self.m],
+                      [v[k] for v in self.v], [], [self._step_t] * len(self.params), lr=rate, beta1=b1,
+                      beta2=b2, weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False)
+            return
         b1, b2 = self.betas
         c1, c2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
         for p, m, v in zip(self.params, self.m, self.v):
             step_size = lr.to(p.device).view(-1, *[1] * (p.ndim - 1))
-            # On a CPU, update one class's slice at a time: its tensors stay in cache across the ~10
-            # elementwise passes (whole K-class tensors do not, which made batched fits slower than
-            # one class at a time). Same ops per element, so bit-identical. GPUs take the whole tensor.
-            parts = zip(p, m, v, p.grad, step_size) if p.device.type == "cpu" else [(p, m, v, p.grad, step_size)]
-            for p_, m_, v_, g_, s_ in parts:
-                if self.weight_decay:
-                    p_.mul_(1 - s_ * self.weight_decay)
-                m_.mul_(b1).add_(g_, alpha=1 - b1)
-                v_.mul_(b2).addcmul_(g_, g_, value=1 - b2)
-                p_.sub_(s_ * (m_ / c1) / ((v_ / c2).sqrt() + self.eps))
+            if self.weight_decay:
+                p.mul_(1 - step_size * self.weight_decay)
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.sub_(step_size * (m / c1) / ((v / c2).sqrt() + self.eps))

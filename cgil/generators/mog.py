@@ -13,15 +13,23 @@ _KMEANS_STEPS = 30
 _REG_VAR = 1e-6  # added to every variance, as scikit-learn's reg_covar
 
 
-def _log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """(K, N, M) diagonal-Gaussian log densities of x (K, N, D) under M components (K, M, D)."""
-    prec = 1.0 / var
+def _log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, estep: str = "exact") -> torch.Tensor:
+    """(K, N, M) diagonal-Gaussian log densities of x (K, N, D) under M components (K, M, D).
+
+    estep="reference" reproduces the reference code's E-step, which weighs squared deviations by 1/std
+    (rsqrt(var)) instead of 1/var and uses sum(log std) as the log-determinant term: not a Gaussian density,
+    but what its responsibilities are computed from (sampling uses the right std in both).
+    """
+    if estep == "reference":
+        prec, log_det = torch.rsqrt(var), 0.5 * torch.log(var).sum(-1).unsqueeze(1)
+    else:
+        prec, log_det = 1.0 / var, torch.log(var).sum(-1).unsqueeze(1)
     maha = (
         (x * x) @ prec.transpose(1, 2)
         - 2.0 * x @ (mean * prec).transpose(1, 2)
         + (mean * mean * prec).sum(-1).unsqueeze(1)
     )
-    return -0.5 * (maha + torch.log(var).sum(-1).unsqueeze(1) + x.shape[-1] * math.log(2 * math.pi))
+    return -0.5 * (maha + log_det + x.shape[-1] * math.log(2 * math.pi))
 
 
 class MoGGenerators(ClassGenerators):
@@ -69,7 +77,7 @@ class MoGGenerators(ClassGenerators):
         log_inactive = torch.where(active, 0.0, -float("inf")).unsqueeze(1)
         steps = 0
         for steps in range(1, self.cfg.em_steps + 1):
-            logp = _log_prob(x, mean, var) + torch.log(weights.clamp_min(1e-30)).unsqueeze(1) + log_inactive
+            logp = _log_prob(x, mean, var, self.cfg.mog_estep) + torch.log(weights.clamp_min(1e-30)).unsqueeze(1) + log_inactive
             norm = torch.logsumexp(logp, dim=-1)  # (K, N)
             ll = (norm * mask).sum(1) / mask.sum(1)
             weights, mean, var = self._m_step(x, mask, torch.exp(logp - norm.unsqueeze(-1)))

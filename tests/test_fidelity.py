@@ -1,0 +1,45 @@
+"""`cgil bench fidelity --quick`: the smoke version of the comparison with the reference implementation."""
+import json
+
+import pytest
+
+
+def synthetic_reference(path):
+    """A fixture with the reference file's layout (values made up: the smoke run compares, never asserts them)."""
+    ref = {
+        "inputs": {"dataset": "digits (scikit-learn)", "model": "cgil-tiny", "pretrained": None, "model_seed": 0},
+        "settings": {"generator": "vae", "vae_passes": 500, "vae_lr": 2e-4, "vae_hidden": 32, "vae_latent": 8,
+                     "align_epochs": 60, "align_lr": 0.05, "batch": 128, "samples_per_class": 16, "n_ctx": 1},
+        "end_to_end": {"3": {"final_avg_acc": 40.0}},
+        "replay_per_class": {str(c): {"variance_ratio": 0.5, "frechet": 0.1, "n_real": 120} for c in range(10)},
+    }
+    path.write_text(json.dumps(ref))
+    return path
+
+
+def test_fidelity_quick_writes_replay_and_end_to_end_tables(tmp_path):
+    from benchmarks import fidelity
+
+    ref = synthetic_reference(tmp_path / "ref.json")
+    out = fidelity.main(["--quick", "--reference", str(ref), "--objectives", "reference", "textbook",
+                         "--threads", "1", "--out-dir", str(tmp_path / "out")])
+    doc = json.loads((tmp_path / "out" / out["json"].split("/")[-1]).read_text())
+    assert doc["meta"]["quick"] is True
+    rows = doc["rows"]
+    assert {r["objective"] for r in rows} == {"reference", "textbook"}
+    assert sorted({r["class"] for r in rows}) == list(range(10))
+    for r in rows:
+        assert r["variance_ratio"] > 0 and r["frechet"] > 0
+        assert r["ratio_vs_ref"] == pytest.approx(r["variance_ratio"] / 0.5)
+    e2e = doc["meta"]["end_to_end"]
+    assert [(r["order"], r["gen_seed"]) for r in e2e] == [(3, 0)]  # the fixture's class order
+    summ = doc["meta"]["summary"]["end_to_end"]
+    assert summ["ref_mean"] == 40.0 and summ["target_met"] == (summ["mean"] >= 39.0)
+
+
+def test_fidelity_refuses_a_missing_reference(tmp_path):
+    from benchmarks import fidelity
+    from cgil.errors import CgilError
+
+    with pytest.raises(CgilError, match="reference fixture not found"):
+        fidelity.main(["--quick", "--reference", str(tmp_path / "nope.json"), "--out-dir", str(tmp_path)])
