@@ -56,7 +56,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def load_reference(path: Path) -> dict[str, Any]:
-    from cgil.errors import CgilError
+    from runtime.errors import CgilError
 
     if not path.exists():
         raise CgilError(f"reference fixture not found: {path} (give --reference PATH)")

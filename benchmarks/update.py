@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -32,19 +31,14 @@ import torch
 from torch import nn
 
 from benchmarks.common import add_threads_option, apply_threads, log, markdown_table, write_results
+from benchmarks.update_fit import (REFERENCE_PASSES, bench_generators, profile_fit,  # noqa: F401  (re-exported)
+                                   synthetic_features, timed)
 
-REFERENCE_PASSES = 500
 REFERENCE_EPOCHS = 60  # alignment epochs of most reference presets
 TEXT_MODELS = {512: "ViT-B-16", 768: "ViT-L-14"}
 
 
 # ---------------------------------------------------------------- synthetic data and text towers
-
-def synthetic_features(num_classes: int, n: int, dim: int, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(num_classes, 1, dim, generator=g)
-    return list(centres + 0.3 * torch.randn(num_classes, n, dim, generator=g))
-
 
 def class_names(count: int, tokenizer=None) -> list[str]:
     """Real class names of realistic length (ImageNet's first `count`), the longest first so that every
@@ -88,112 +82,6 @@ def text_only_clip(model: str, seed: int = 0):
 
 
 # ---------------------------------------------------------------- 1. generator fitting
-
-def _fit_once(kind: str, class_ids: Sequence[int], feats: Sequence[torch.Tensor], dim: int, passes: int,
-              em_steps: int, seed: int):
-    from cgil.generators import GeneratorConfig, make_generators
-
-    cfg = GeneratorConfig(kind=kind, passes=passes, em_steps=em_steps, em_tol=0.0)
-    gen = make_generators(cfg, class_ids, dim)
-    stats = gen.fit(list(feats), seed=seed)
-    return gen, stats
-
-
-def timed(fn) -> tuple[Any, float, float]:
-    """(result, wall seconds, CPU seconds of this process). CPU time is robust to other processes
-    sharing the cores; wall time is what a user waits."""
-    c0, w0 = time.process_time(), time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - w0, time.process_time() - c0
-
-
-def _max_class_diff(batched, singles: Sequence) -> float:
-    """Largest |difference| between class k's tensors in the batched store and class k fitted alone."""
-    worst = 0.0
-    state = batched.state_dict()
-    for k, single in enumerate(singles):
-        for name, v in single.state_dict().items():
-            b = state[name]
-            if b.ndim == 0 or b.shape[0] != batched.num_classes or name == "alpha_bar":
-                continue  # shared buffers (e.g. the diffusion schedule)
-            worst = max(worst, float((b[k:k + 1] - v).abs().max()))
-    return worst
-
-
-def bench_generators(kinds: Sequence[str], dims: Sequence[int], classes: int, n: int, passes: int,
-                     em_steps: int, seed: int, log, repeats: int = 3) -> list[dict[str, Any]]:
-    from cgil.generators import GeneratorConfig, make_generators
-
-    rows = []
-    for dim in dims:
-        feats = synthetic_features(classes, n, dim, seed)
-        ids = list(range(classes))
-        for kind in kinds:
-            _fit_once(kind, ids[:2], feats[:2], dim, 1, 2, seed)  # warm-up (allocator, kernels)
-            budgets = [passes, 2 * passes] if kind in ("vae", "diffusion") else [passes]
-            ems = [em_steps, 2 * em_steps] if kind == "mog" else [em_steps]
-            points = list(zip(budgets, ems)) if len(budgets) == len(ems) else (
-                [(p, em_steps) for p in budgets] if len(budgets) > 1 else [(passes, e) for e in ems])
-            measured = []  # per budget point: (units, batched wall, alone wall, batched cpu, alone cpu)
-            for p_, e_ in points:
-                walls = {"batched": [], "alone": []}
-                cpus = {"batched": [], "alone": []}
-                for _ in range(repeats):  # interleaved, so both see the same load on a shared machine
-                    (batched, stats), w, c = timed(lambda: _fit_once(kind, ids, feats, dim, p_, e_, seed))
-                    walls["batched"].append(w)
-                    cpus["batched"].append(c)
-                    singles, w, c = timed(lambda: [_fit_once(kind, [i], [feats[i]], dim, p_, e_, seed)[0]
-                                                   for i in ids])
-                    walls["alone"].append(w)
-                    cpus["alone"].append(c)
-                if kind in ("vae", "diffusion"):
-                    per_class = make_generators(GeneratorConfig(kind=kind, passes=p_), ids, dim).iterations([n] * classes)
-                    units = max(per_class) if isinstance(per_class, (list, tuple)) else int(per_class)
-                elif kind == "mog":
-                    units = e_
-                else:
-                    units = 1
-                measured.append((units, min(walls["batched"]), min(walls["alone"]), min(cpus["batched"]),
-                                 min(cpus["alone"])))
-            iters, t_batched, t_single, c_batched, c_single = measured[0]
-            if kind in ("vae", "diffusion"):
-                unit = "iteration"
-                full_units = REFERENCE_PASSES * max(1, math.ceil(n / GeneratorConfig().batch_size))
-            elif kind == "mog":
-                unit, full_units = "EM step", 500
-            else:
-                unit, full_units = "fit", 1
-
-            def extrapolate(col: int) -> float:
-                """Fixed + per-unit CPU time fitted on the two budgets, evaluated at the reference budget."""
-                if len(measured) < 2:
-                    return measured[0][col] / measured[0][0] * full_units
-                (u1, *a), (u2, *b) = measured[0], measured[1]
-                per_unit = max(0.0, (b[col - 1] - a[col - 1]) / (u2 - u1))
-                fixed = max(0.0, a[col - 1] - per_unit * u1)
-                return fixed + per_unit * full_units
-
-            ext_b, ext_a = extrapolate(3), extrapolate(4)  # CPU-time columns: robust to a shared machine
-            row = {
-                "D": dim, "generator": kind, "classes": classes, "n_per_class": n,
-                "budget": " + ".join(f"{m[0]}" for m in measured) + f" {unit}s",
-                "batched_cpu_s": c_batched, "one_at_a_time_cpu_s": c_single, "speedup_cpu_x": c_single / c_batched,
-                "batched_s": t_batched, "one_at_a_time_s": t_single, "speedup_x": t_single / t_batched,
-                "reference_budget": f"{full_units} {unit}s",
-                "extrapolated_batched_cpu_s_at_reference": ext_b,
-                "extrapolated_one_at_a_time_cpu_s_at_reference": ext_a,
-                "extrapolated_speedup_x_at_reference": ext_a / ext_b if ext_b > 0 else None,
-                "max_abs_diff_batched_vs_alone": _max_class_diff(batched, singles),
-            }
-            if len(measured) > 1:
-                row["second_budget"] = {"units": measured[1][0], "batched_s": measured[1][1],
-                                        "one_at_a_time_s": measured[1][2], "batched_cpu_s": measured[1][3],
-                                        "one_at_a_time_cpu_s": measured[1][4]}
-            rows.append(row)
-            log(f"  fit D={dim} {kind:9s} batched {t_batched:7.2f}s  one-at-a-time {t_single:7.2f}s  "
-                f"x{row['speedup_x']:.2f} (CPU time x{row['speedup_cpu_x']:.2f})  diff {row['max_abs_diff_batched_vs_alone']:.2e}")
-    return rows
-
 
 # ---------------------------------------------------------------- 2./3. alignment and text path
 
@@ -266,43 +154,6 @@ def bench_alignment(dims: Sequence[int], seen: Sequence[int], full_text_max_clas
                 f"{t_full:.2f}s x{row['speedup_x']:.2f} (CPU time x{row['speedup_cpu_x']:.2f}) key diff {diff:.1e}")
             log(f"  align D={dim} C={count:4d} L={length}: step truncated {t_trunc:.2f}s, full-77 {full_txt}")
     return rows
-
-
-def profile_fit(kind: str, dim: int, classes: int, n: int, passes: int, seed: int, top: int = 8) -> dict:
-    """Where the time of one batched fit goes: Python-level phases (cProfile) and operators (torch.profiler)."""
-    import cProfile
-    import pstats
-
-    from torch.profiler import ProfilerActivity, profile
-
-    feats = synthetic_features(classes, n, dim, seed)
-    _fit_once(kind, list(range(classes)), feats, dim, 1, 2, seed)  # warm-up
-    prof = cProfile.Profile()
-    start = time.perf_counter()
-    prof.runcall(_fit_once, kind, list(range(classes)), feats, dim, passes, 10, seed)
-    total = time.perf_counter() - start
-    stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
-
-    def cum(pred) -> float:
-        return sum(v[3] for k, v in stats.items() if pred(k))
-
-    phases = {
-        "optimizer step": cum(lambda k: k[2] == "step" and ("generators" in k[0] or "optim" in k[0])),
-        "backward (autograd)": cum(lambda k: k[2] == "backward" and k[0].endswith("_tensor.py")),
-        "forward layers": cum(lambda k: k[2] == "forward" and "generators" in k[0]),
-    }
-    phases["other (init, sampling noise, indices, loss)"] = max(0.0, total - sum(phases.values()))
-    with profile(activities=[ProfilerActivity.CPU]) as tprof:
-        _fit_once(kind, list(range(classes)), feats, dim, passes, 10, seed)
-    events = sorted(tprof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    op_total = sum(e.self_cpu_time_total for e in events) or 1.0
-    return {
-        "setting": {"kind": kind, "D": dim, "classes": classes, "n_per_class": n, "passes": passes},
-        "total_s": total,
-        "phases": [{"phase": k, "seconds": v, "share": v / total} for k, v in phases.items()],
-        "ops": [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000.0, "share": e.self_cpu_time_total / op_total,
-                 "calls": e.count} for e in events[:top]],
-    }
 
 
 # ---------------------------------------------------------------- CLI

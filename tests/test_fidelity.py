@@ -39,7 +39,7 @@ def test_fidelity_quick_writes_replay_and_end_to_end_tables(tmp_path):
 
 def test_fidelity_refuses_a_missing_reference(tmp_path):
     from benchmarks import fidelity
-    from cgil.errors import CgilError
+    from runtime.errors import CgilError
 
     with pytest.raises(CgilError, match="reference fixture not found"):
         fidelity.main(["--quick", "--reference", str(tmp_path / "nope.json"), "--out-dir", str(tmp_path)])

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CgilError
+from runtime.errors import CgilError
 from .base import TrainedGenerators, randn_per_class
 from .layers import BatchedBatchNorm, BatchedLinear
 
