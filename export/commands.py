@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from runtime.console import console, fail, guarded
+from runtime.console import console, fail, guarded, require_learner
 
 
 def register(app: typer.Typer) -> None:
@@ -75,6 +75,7 @@ def register(app: typer.Typer) -> None:
         elif zero_shot:
             result = add_zero_shot(bundle, zero_shot)
         else:
+            require_learner("cgil update --data")  # before any image is embedded
             from .update import update_from_images
 
             result = update_from_images(bundle, data, epochs=epochs, lr=lr, passes=passes, seed=seed,
