@@ -39,6 +39,24 @@ def open_image(image: ImageLike) -> Image.Image:
         raise CgilError(f"cannot read image {path}: {e}") from e
 
 
+def check_image(path: Union[str, os.PathLike]) -> None:
+    """Cheap readability check (header only, no decoding): a CgilError naming the file and the cause.
+
+    Catches what makes a file useless before hours of work depend on it: not an image (a macOS
+    `._IMG_0001.jpg` resource fork), a truncated header, or more pixels than Pillow will decode.
+    """
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as f:
+            w, h = f.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CgilError(f"cannot read image {path}: {e}") from e
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * h > 2 * limit:  # what Pillow itself refuses to decode
+        raise CgilError(f"cannot read image {path}: {w}x{h} = {w * h / 1e6:.0f} megapixels, above the "
+                        f"{2 * limit / 1e6:.0f} MP that Pillow decodes")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB from grayscale, 16-bit, palette, RGBA (composited on white) or CMYK images."""
     if img.mode == "RGB":
