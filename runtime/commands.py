@@ -69,6 +69,7 @@ def register(app: typer.Typer) -> None:
     ):
         """Classify images with an exported bundle. Exit code 1 if any file could not be read."""
         from rich.table import Table
+        from rich.text import Text
 
         from .classifier import Classifier
 
@@ -89,7 +90,7 @@ def register(app: typer.Typer) -> None:
             shown = _short_names(images, files)
             for r, name in zip(results, shown):
                 if "error" in r:
-                    table.add_row(name, "[red]error[/]", "", r["error"])
+                    table.add_row(name, Text("error", "red"), "", r["error"])
                 else:
                     rest = ", ".join(f"{l} {s:.2f}" for l, s in zip(r["labels"], r["scores"]))
                     table.add_row(name, r["labels"][0], f"{r['scores'][0]:.3f}", rest)
