@@ -88,9 +88,9 @@ def train(
     generator: str = typer.Option("vae", help="vae | mog | gauss | diffusion"),
     tasks: Optional[int] = typer.Option(None, help="Number of tasks (default: the dataset's reference split, else 5 or fewer)"),
     seed: int = typer.Option(1992, help="Class order and learner seed"),
-    epochs: Optional[int] = typer.Option(None, help="Alignment epochs [default: 20 for digits and folder:PATH; the paper's 60-150 for its datasets; 60 otherwise]"),
-    lr: Optional[float] = typer.Option(None, help="Alignment learning rate [default: 0.03; the paper's per dataset]"),
-    passes: Optional[int] = typer.Option(None, help="Generator passes over each class's features [default: 100 for digits and folder:PATH; 500 (750 isic) for the paper's datasets; 500 otherwise]"),
+    epochs: Optional[int] = typer.Option(None, help="Alignment epochs. Default: 20 for digits and folder:PATH; the paper's 60-150 for its datasets; 60 otherwise"),
+    lr: Optional[float] = typer.Option(None, help="Alignment learning rate. Default: 0.03; the paper's per dataset"),
+    passes: Optional[int] = typer.Option(None, help="Generator passes over each class's features. Default: 100 for digits and folder:PATH; 500 (750 isic) for the paper's datasets; 500 otherwise"),
     val_split: Optional[float] = typer.Option(None, help="folder:PATH without test/: hold out this share of each class of train/ (seeded, stratified)"),
     strict: bool = typer.Option(False, help="Abort on an unreadable image instead of skipping it with a warning"),
     device: str = typer.Option("auto", help="auto (cuda if present, else cpu) | cpu | cuda"),
@@ -228,6 +228,59 @@ def _register_commands() -> None:
 
 
 _register_commands()
+
+
+# Shown under each command's --help: a first working command line to copy.
+EXAMPLES = {
+    "train": ["cgil train", "cgil train --dataset folder:~/photos --val-split 0.2 --method all",
+              "cgil train --out runs/mine --resume", "cgil train --config runs/mine/config.json --seed 1996"],
+    "eval": ["cgil eval runs/demo/cgil", "cgil eval runs/demo/cgil --dataset folder:~/more-photos"],
+    "info": ["cgil info runs/demo", "cgil info runs/demo/cgil"],
+    "export": ["cgil export runs/demo/cgil --out bundle/", "cgil export runs/demo/cgil --out bundle-int8/ --precision int8"],
+    "predict": ["cgil predict bundle/ photo.jpg", "cgil predict bundle/ photos/ --top-k 3 --json"],
+    "serve": ["cgil serve bundle/", "cgil serve bundle/ --host 0.0.0.0 --port 8080 --admin-token SECRET"],
+    "update": ["cgil update bundle/ --data new-classes/", "cgil update bundle/ --zero-shot forklift",
+               "cgil update --rollback bundle/"],
+    "store info": ["cgil store info bundle/", "cgil store info bundle/ --json"],
+    "data list": ["cgil data list"],
+    "data check": ["cgil data check folder:~/photos", "cgil data check cub200 --data-dir ~/data --all"],
+    "data download": ["cgil data download eurosat-rgb --data-dir ~/data"],
+}
+
+
+def _epilog(lines: list[str]) -> str:
+    return "Examples:\n\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _add_examples(typer_app: typer.Typer, prefix: str = "") -> None:
+    for info in typer_app.registered_commands:
+        name = prefix + (info.name or info.callback.__name__.replace("_", "-"))
+        if name in EXAMPLES and not info.epilog:
+            info.epilog = _epilog(EXAMPLES[name])
+        elif name.startswith("bench ") or prefix == "bench ":
+            info.epilog = _epilog([f"cgil {name} --quick", f"cgil {name} --help  (the script's own options)"])
+    for group in typer_app.registered_groups:
+        _add_examples(group.typer_instance, prefix + group.name + " ")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"cgil {version('cgil')}")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            typer.echo("cgil (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit")) -> None:
+    pass
+
+
+_add_examples(app)
 
 
 def main() -> None:  # python -m cli

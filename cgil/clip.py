@@ -162,10 +162,13 @@ def create_clip(
         except Exception as e:  # a text file, another architecture's weights, a failed download: one line
             if load is None:
                 raise
-            reason = (str(e).strip().splitlines() or [""])[0][:200] or type(e).__name__
-            what = "cannot load this checkpoint into" if Path(load).is_file() else "cannot get the weights of"
-            raise CgilError(f"--pretrained {load}: {what} {model} ({type(e).__name__}: {reason}); "
-                            f"{NO_WEIGHTS_HINT}") from e
+            reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:200] or type(e).__name__
+            if Path(load).is_file():
+                raise CgilError(f"--pretrained {load}: cannot load this file into {model} ({type(e).__name__}: "
+                                f"{reason}); it must be an open_clip checkpoint or torch.save(model.state_dict()) "
+                                f"of a {model} model") from e
+            raise CgilError(f"--pretrained {load}: cannot get the weights of {model} ({type(e).__name__}: "
+                            f"{reason}); {NO_WEIGHTS_HINT}") from e
     clip_model.eval().requires_grad_(False)
     cfg = open_clip.get_model_config(model) or {}
     image_size = cfg.get("vision_cfg", {}).get("image_size", 224)

@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(1992, help="Seed of the new prompts, generators and alignment"),
         store_precision: str = typer.Option("fp32", "--store-precision", help="fp32 | fp16: how the replay store is written"),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+        keep: int = typer.Option(3, "--keep", min=2, help="Head versions kept on disk after this update, the new one included: N - 1 rollbacks stay possible"),
     ):
         """Learn new classes on the device and publish them as a new head version (atomic).
 
@@ -73,13 +74,13 @@ def register(app: typer.Typer) -> None:
             old, new = do_rollback(bundle)
             result = {"rolled_back_from": old, "current": new}
         elif zero_shot:
-            result = add_zero_shot(bundle, zero_shot)
+            result = add_zero_shot(bundle, zero_shot, keep=keep)
         else:
             require_learner("cgil update --data")  # before any image is embedded
             from .update import update_from_images
 
             result = update_from_images(bundle, data, epochs=epochs, lr=lr, passes=passes, seed=seed,
-                                        store_precision=store_precision,
+                                        store_precision=store_precision, keep=keep,
                                         report=lambda s: typer.echo(s, err=as_json) if as_json else console.print(s, highlight=False))
         if as_json:
             typer.echo(json.dumps(result))

@@ -19,7 +19,7 @@ from .errors import CgilError
 # output goes through rich Text/Table objects, which are not parsed for markup.
 console = Console(markup=False)
 if not console.is_terminal:  # logs and pipes: wide enough that result tables are never truncated
-    console = Console(width=120, markup=False)
+    console = Console(width=240, markup=False)
 
 # Top-level packages that only the learner install brings (`pip install 'cgil[train]'`).
 TRAIN_EXTRA_MODULES = {"torch", "torchvision", "open_clip", "timm", "sklearn", "matplotlib", "onnx", "onnxscript"}

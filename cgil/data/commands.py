@@ -216,7 +216,7 @@ def register(app: typer.Typer) -> None:
         """The benchmarks, their task splits and where they are looked for by default."""
         table = Table()
         for col in ("name", "dataset", "classes", "tasks", "default folder"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")  # a narrow terminal wraps a path, never cuts it
         for b in sorted(BENCHMARKS.values(), key=lambda b: b.name):
             sizes = list(b.task_sizes)
             tasks = f"{len(sizes)}x{sizes[0]}" if len(set(sizes)) == 1 else " + ".join(
