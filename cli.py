@@ -103,14 +103,14 @@ def train(
 
     Under torchrun, feature extraction is sharded across processes; only rank 0 prints and writes.
     """
-    from click.core import ParameterSource
-
     if resume and out is None:
         raise CgilError("--resume needs --out RUN_DIR")
     if resume and config is not None:
         raise CgilError("give --resume (the run's own settings) or --config, not both")
     # Flags typed on the command line; the others may come from a saved run or config file.
-    given = {name for name in SAVED_FLAGS if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    # (compared by name: typer may bring its own copy of click, whose enum is not click's)
+    given = {name for name in SAVED_FLAGS
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
     saved, saved_methods = _saved_settings(config, out, resume)
     values = dict(ctx.params)
     if saved:  # what was not typed comes from the saved run, so nothing needs retyping

@@ -39,17 +39,30 @@ def measure(passes: int, epochs: int, seed: int, cache: Path) -> dict:
             "wall_s_alignment": metrics["timings"]["alignment"]}
 
 
+def save(rows: list[dict], args, argv) -> None:
+    name = "defaults-digits" + ("-quick" if args.quick else "")
+    command = "python -m benchmarks.defaults " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_results(name, rows, {"command": command, "threads": args.threads, "model": "cgil-tiny",
+                               "generator": "vae", "dataset": "digits"},
+                  columns=["passes", "epochs", "final_avg_acc", "final_avg_acc_per_seed", "cpu_s_per_run",
+                           "wall_s_generators", "wall_s_alignment"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1992, 1996])
     parser.add_argument("--quick", action="store_true", help="two tiny budgets, one seed (what the tests run)")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="PASSESxEPOCHS",
+                        help="budgets to measure, e.g. 100x20 500x60 (default: the whole grid)")
     add_threads_option(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     grid, seeds = (QUICK_GRID, args.seeds[:1]) if args.quick else (GRID, args.seeds)
+    if args.rows:
+        grid = [tuple(int(v) for v in r.lower().split("x")) for r in args.rows]
     rows = []
     with tempfile.TemporaryDirectory() as cache:
-        measure(*grid[0], seeds[0], Path(cache))  # warm the feature cache: no row pays for extraction
+        measure(1, 1, seeds[0], Path(cache))  # warm the feature cache: no row pays for extraction
         for passes, epochs in grid:
             runs = [measure(passes, epochs, s, Path(cache)) for s in seeds]
             row = {"passes": passes, "epochs": epochs, "seeds": seeds,
@@ -59,14 +72,9 @@ def main(argv: list[str] | None = None) -> None:
                    "wall_s_generators": statistics.mean(r["wall_s_generators"] for r in runs),
                    "wall_s_alignment": statistics.mean(r["wall_s_alignment"] for r in runs)}
             rows.append(row)
+            save(rows, args, argv)  # after every row: a long sweep that is stopped keeps what it measured
             print(f"passes {passes:4d} epochs {epochs:3d}: acc {row['final_avg_acc']:.2f} "
                   f"{row['final_avg_acc_per_seed']}, {row['cpu_s_per_run']:.1f} CPU s per run", flush=True)
-    name = "defaults-digits" + ("-quick" if args.quick else "")
-    command = "python -m benchmarks.defaults " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_results(name, rows, {"command": command, "threads": args.threads, "model": "cgil-tiny",
-                               "generator": "vae", "dataset": "digits"},
-                  columns=["passes", "epochs", "final_avg_acc", "final_avg_acc_per_seed", "cpu_s_per_run",
-                           "wall_s_generators", "wall_s_alignment"])
 
 
 if __name__ == "__main__":

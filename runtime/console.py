@@ -60,6 +60,18 @@ def require_learner(command: str) -> None:
                             f"device install): {TRAIN_HINT}")
 
 
+def _command_name(fn) -> str:
+    """`cgil eval`, `cgil store info`: the command as typed (its Python function may be named otherwise)."""
+    try:  # typer may run on its own copy of click: ask the copy it uses
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
+    ctx = get_current_context(silent=True)
+    if ctx is not None and ctx.command_path:
+        return " ".join(["cgil", *ctx.command_path.split()[1:]])
+    return "cgil " + fn.__name__.removesuffix("_command").removesuffix("_cmd")
+
+
 def guarded(fn):
     """Every command's error exit: one line on stderr, never a traceback.
 
@@ -75,7 +87,7 @@ def guarded(fn):
         except CgilError as e:
             fail(str(e))
         except ModuleNotFoundError as e:
-            hint = missing_extra(e, f"cgil {fn.__name__.removesuffix('_command').removesuffix('_cmd')}")
+            hint = missing_extra(e, _command_name(fn))
             if hint is None:
                 if os.environ.get("CGIL_DEBUG"):
                     raise

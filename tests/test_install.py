@@ -129,3 +129,4 @@ def test_learner_commands_name_the_extra_in_one_line(device_venv, fp32_bundle, t
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "pip install 'cgil[train]'" in out.stderr
+    assert f"error: cgil {args[0]}" in out.stderr and "needs the learner" in out.stderr

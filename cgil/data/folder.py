@@ -112,8 +112,8 @@ def load_folder_dataset(root: str | Path, val_split: Optional[float] = None, str
     if has_test:
         empty = [n for n in folder_names if not files["test"][n]]
         if empty:
-            raise CgilError(f"no readable test images for class(es): "
-                            + ", ".join(f"{n!r} in {root / 'test' / n}" for n in empty))
+            raise CgilError("; ".join(f"empty class folder: {root / 'test' / n} holds no readable images "
+                                      f"(class {n!r})" for n in empty))
     else:
         chosen = held_out({n: len(files["train"][n]) for n in folder_names}, val_split)
         files["test"] = {n: [files["train"][n][i] for i in chosen[n]] for n in folder_names}
