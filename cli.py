@@ -90,7 +90,7 @@ def train(
     seed: int = typer.Option(1992, help="Class order and learner seed"),
     epochs: Optional[int] = typer.Option(None, help="Alignment epochs. Default: 20 for digits and folder:PATH; the paper's 60-150 for its datasets; 60 otherwise"),
     lr: Optional[float] = typer.Option(None, help="Alignment learning rate. Default: 0.03; the paper's per dataset"),
-    passes: Optional[int] = typer.Option(None, help="Generator passes over each class's features. Default: 100 for digits and folder:PATH; 500 (750 isic) for the paper's datasets; 500 otherwise"),
+    passes: Optional[int] = typer.Option(None, help="Generator passes over each class's features. Default: 50 for folder:PATH, 100 for digits, 500 (750 isic) for the paper's datasets and otherwise"),
     val_split: Optional[float] = typer.Option(None, help="folder:PATH without test/: hold out this share of each class of train/ (seeded, stratified)"),
     strict: bool = typer.Option(False, help="Abort on an unreadable image instead of skipping it with a warning"),
     device: str = typer.Option("auto", help="auto (cuda if present, else cpu) | cpu | cuda"),

@@ -17,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from test_export import fp32_bundle  # noqa: F401  (shared session fixture)
+from test_update import base_bundle, bundle, new_digits, update_work  # noqa: F401  (shared fixtures)
 
 
 def _app():
@@ -205,10 +206,10 @@ def test_folder_defaults_are_the_measured_ones_and_stated_in_help():
     from cgil.config import TrainConfig
 
     cfg = TrainConfig.for_dataset("folder:/anywhere")
-    assert (cfg.generator.passes, cfg.align.epochs) == (100, 20)
+    assert (cfg.generator.passes, cfg.align.epochs) == (50, 20)
     assert TrainConfig.for_dataset("folder:/x", passes=7).generator.passes == 7
     text = invoke("train", "--help").output
-    assert "Default: 100 for digits and folder:PATH" in " ".join(text.replace("│", " ").split())
+    assert "Default: 50 for folder:PATH, 100 for digits" in " ".join(text.replace("│", " ").split())
 
 
 # ---------------------------------------------------------------- item 6 and 8: runs that remember
@@ -303,3 +304,22 @@ def test_keep_allows_more_than_one_rollback(fp32_bundle, tmp_path):
         result = invoke("update", "--rollback", bundle)
         assert result.exit_code == 0, result.output
     assert_one_line_error(invoke("update", "--rollback", bundle), 2, "no previous head version")
+
+
+def test_update_announces_each_phase_before_it_runs(bundle, new_digits):
+    from export.update import update_from_images
+
+    lines: list[str] = []
+    update_from_images(bundle, new_digits, epochs=1, passes=1, report=lines.append)
+    starts = [next(i for i, line in enumerate(lines) if line.startswith(word))
+              for word in ("embedding", "loading the text tower", "fitting", "realigning", "published")]
+    assert starts == sorted(starts), lines
+
+
+def test_long_plot_titles_are_wrapped_to_the_figure():
+    from cgil.report import wrap_title
+
+    title = "cgil class-IL accuracy (folder:/home/someone/Pictures/my-photo-collection/2024, ViT-B-16)"
+    lines = wrap_title(title, 4.0, 9).splitlines()
+    assert len(lines) > 1 and "".join(lines).replace(" ", "") == title.replace(" ", "")
+    assert max(map(len, lines)) <= int(4.0 * 72 / (0.55 * 9))

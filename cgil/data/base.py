@@ -50,13 +50,12 @@ class ImageDataset:
         return len(self.classnames)
 
     def check(self) -> None:
-        """Every class needs 2 training images (what every generator needs) and a test image, named if not."""
-        for split_name, split, least in (("train", self.train, 2), ("test", self.test, 1)):
+        """Every class must have training and test images (the learner needs both)."""
+        for split_name, split in (("train", self.train), ("test", self.test)):
             counts = np.bincount(split.labels, minlength=self.num_classes)
-            few = [f"{self.classnames[c]!r} ({counts[c]})" for c in np.flatnonzero(counts < least)]
-            if few:
-                raise CgilError(f"{self.name}: too few {split_name} images (each class needs at least {least}) "
-                                f"for class(es): {', '.join(few)}")
+            empty = [self.classnames[c] for c in np.flatnonzero(counts == 0)]
+            if empty:
+                raise CgilError(f"{self.name}: no {split_name} images for class(es): {', '.join(empty)}")
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Images per class name in each split (recorded in config.json and printed by train)."""
