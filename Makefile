@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[train,test]'   # the learner extra on top of the torch-free runtime
 	touch $@
 
 demo: setup

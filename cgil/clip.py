@@ -9,6 +9,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import socket
+import threading
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -53,6 +57,8 @@ def _resolve_weights(model: str, pretrained: Optional[str], seed: int) -> str:
         return f"random:seed={seed}"
     if Path(pretrained).is_file():
         return "sha256:" + sha256_file(pretrained)
+    if Path(pretrained).suffix in CHECKPOINT_SUFFIXES or "/" in pretrained:
+        raise CgilError(f"--pretrained {pretrained}: no such checkpoint file")
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
         hint = ", ".join(tags) if tags else "none for this architecture"
@@ -60,7 +66,63 @@ def _resolve_weights(model: str, pretrained: Optional[str], seed: int) -> str:
             f"--pretrained {pretrained!r} is neither a checkpoint file nor a known tag for {model} "
             f"(known tags: {hint})"
         )
+    _require_tag_weights(model, pretrained)
     return f"tag:{pretrained}"
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+NO_WEIGHTS_HINT = ("give a local checkpoint file instead: --pretrained /path/to/weights.pt (an open_clip "
+                   "checkpoint or torch.save(model.state_dict()) of this architecture)")
+
+
+def _tag_cached(cfg: dict) -> bool:
+    """Whether open_clip would find the tag's weights on disk without the network."""
+    if cfg.get("file"):
+        return Path(cfg["file"]).is_file()
+    if cfg.get("hf_hub"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return False
+        repo, filename = os.path.split(cfg["hf_hub"])
+        names = [filename or "open_clip_pytorch_model.bin"]
+        names.insert(0, os.path.splitext(names[0])[0] + ".safetensors")
+        return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+    if cfg.get("url"):
+        return (Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])).is_file()
+    return False
+
+
+def _reachable(host: str, timeout_s: float = 3.0) -> bool:
+    """A TCP connection to host:443 within timeout_s (DNS included, hence the thread)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(result and result[0])
+
+
+def _require_tag_weights(model: str, tag: str) -> None:
+    """Fail in seconds, not after a minute of download retries, when a tag's weights cannot be had."""
+    cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    if _tag_cached(cfg):
+        return
+    if os.environ.get("CGIL_OFFLINE") or os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+        raise CgilError(f"--pretrained {tag}: the {model} weights are not cached and this is offline "
+                        f"(CGIL_OFFLINE/HF_HUB_OFFLINE); {NO_WEIGHTS_HINT}")
+    host = (urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+            if cfg.get("hf_hub") else urllib.parse.urlparse(cfg.get("url", "")).hostname)
+    if host and not _reachable(host):
+        raise CgilError(f"--pretrained {tag}: no network to download the {model} weights from {host}; "
+                        f"{NO_WEIGHTS_HINT}")
 
 
 @contextlib.contextmanager
@@ -98,7 +160,18 @@ def create_clip(
     gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=gpus), _quiet_open_clip():
         torch.manual_seed(seed)
-        clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=load, device=device)
+        try:
+            clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=load, device=device)
+        except Exception as e:  # a text file, another architecture's weights, a failed download: one line
+            if load is None:
+                raise
+            reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:200] or type(e).__name__
+            if Path(load).is_file():
+                raise CgilError(f"--pretrained {load}: cannot load this file into {model} ({type(e).__name__}: "
+                                f"{reason}); it must be an open_clip checkpoint or torch.save(model.state_dict()) "
+                                f"of a {model} model") from e
+            raise CgilError(f"--pretrained {load}: cannot get the weights of {model} ({type(e).__name__}: "
+                            f"{reason}); {NO_WEIGHTS_HINT}") from e
     clip_model.eval().requires_grad_(False)
     cfg = open_clip.get_model_config(model) or {}
     image_size = cfg.get("vision_cfg", {}).get("image_size", 224)

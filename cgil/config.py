@@ -18,12 +18,22 @@ PRESET_NAMES = ("paper",)
 # for the offline digits demo, sized to finish all four methods in minutes on two CPU cores.
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": {"align": {"lr": 0.03, "epochs": 20}, "generator": {"passes": 100}},
+    # Any `folder:` dataset (a user's own images). Sized for a CPU device from the accuracy/time
+    # curve on digits (benchmarks/results/defaults-digits-*.md): 10-100 passes score within seed
+    # noise of each other (32.6-34.9%) while CPU time grows with them, so 50; fewer than 20 epochs
+    # lose points (5: 26.3%, 10: 29.9%, 20: 34.6%).
+    "folder": {"align": {"lr": 0.03, "epochs": 20}, "generator": {"passes": 50}},
     "imagenet-r": {"align": {"lr": 0.05, "epochs": 60}, "generator": {"passes": 500}},
     "cars196": {"align": {"lr": 0.03, "epochs": 60}, "generator": {"passes": 500}},
     "cub200": {"align": {"lr": 0.01, "epochs": 60}, "generator": {"passes": 500}},
     "eurosat-rgb": {"align": {"lr": 0.03, "epochs": 150}, "generator": {"passes": 500}},
     "isic": {"align": {"lr": 0.05, "epochs": 150}, "generator": {"passes": 750}},
 }
+
+
+def preset_key(dataset: str) -> str:
+    """The PRESETS entry of a --dataset: its name, or "folder" for every folder:PATH."""
+    return "folder" if dataset.startswith("folder:") else dataset
 
 
 @dataclass
@@ -40,6 +50,7 @@ class TrainConfig:
     n_ctx: int = 1
     feature_batch_size: int = 64
     preset: Optional[str] = None  # "paper": reference hyperparameters of the dataset (recorded in config.json)
+    val_split: Optional[float] = None  # folder: without test/: the share of each class held out as test
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
 
@@ -67,7 +78,7 @@ class TrainConfig:
         if preset == "paper" and dataset not in PAPER_DATASETS:
             raise CgilError(f"--preset paper: the paper has no reference hyperparameters for {dataset!r}; "
                             f"its benchmarks are {', '.join(PAPER_DATASETS)}")
-        values = PRESETS.get(dataset, {})
+        values = PRESETS.get(preset_key(dataset), {})
         cfg = cls(dataset=dataset, preset=preset)
         for k, v in values.get("align", {}).items():
             setattr(cfg.align, k, v)

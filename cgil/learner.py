@@ -79,6 +79,9 @@ class Learner:
         """Fit the new classes' generators as one batched model and add them to the replay store."""
         group = make_generators(self.gen_cfg, class_ids, feats.shape[1])
         per_class = [feats[labels == c].to(self.device) for c in class_ids]
+        # Checked here with the class names, so an error says "coins", not "class 2".
+        name_of = dict(zip(self.class_ids, self.class_names))
+        group.check_sizes(per_class, [repr(name_of.get(c, f"class {c}")) for c in class_ids])
         stats = group.fit(per_class, seed=seed, progress=progress)
         self.store.append(group)
         return stats

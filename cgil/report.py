@@ -43,13 +43,94 @@ def heatmap_png(matrix: Sequence[Sequence[Optional[float]]], title: str) -> byte
     ax.set_yticks(range(n), [str(t + 1) for t in range(n)])
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training task")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrap_title(title, fig.get_figwidth(), 9), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def wrap_title(title: str, width_in: float, fontsize: float) -> str:
+    """Break a title into lines that fit the figure: a long folder: path was cut off at the edges."""
+    import textwrap
+
+    chars = max(16, int(width_in * 72 / (0.55 * fontsize)))  # average glyph ~0.55 em wide
+    return "\n".join(textwrap.wrap(title, chars, break_long_words=True, break_on_hyphens=False)) or title
+
+
+def per_class_rows(classnames: Sequence[str], labels: Sequence[int], pred: Sequence[int]) -> list[dict[str, Any]]:
+    rows = []
+    for c, name in enumerate(classnames):
+        hits = [p == c for l, p in zip(labels, pred) if l == c]
+        rows.append({"class": c, "name": name, "test_images": len(hits),
+                     "accuracy": 100.0 * sum(hits) / len(hits) if hits else None})
+    return rows
+
+
+def confusion_png(matrix: Any, classnames: Sequence[str], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(classnames)
+    rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1) * 100
+    side = min(16.0, 2.5 + 0.45 * n)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side), dpi=110)
+    im = ax.imshow(rows, vmin=0, vmax=100, cmap="Blues")
+    if n <= 30:
+        for (i, j), v in np.ndenumerate(matrix):
+            if v:
+                ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=7,
+                        color="white" if rows[i, j] > 60 else "black")
+    ticks = range(n) if n <= 60 else range(0, n, max(1, n // 30))
+    ax.set_xticks(list(ticks), [classnames[k] for k in ticks], rotation=90, fontsize=7)
+    ax.set_yticks(list(ticks), [classnames[k] for k in ticks], fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(wrap_title(title, side, 9), fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_class_report(out: Path, classnames: Sequence[str], labels: Sequence[int], pred: Sequence[int]) -> None:
+    """After the last task: per-class accuracy (CSV) and the confusion matrix (CSV + PNG) over all classes."""
+    import csv
+    import numpy as np
+
+    rows = per_class_rows(classnames, labels, pred)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["class", "name", "test_images", "accuracy"])
+    for r in rows:
+        writer.writerow([r["class"], r["name"], r["test_images"], "" if r["accuracy"] is None else f"{r['accuracy']:.2f}"])
+    atomic_write_text(out / "per_class_accuracy.csv", buf.getvalue())
+    n = len(classnames)
+    matrix = np.zeros((n, n), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["true \\ predicted", *classnames])
+    for name, row in zip(classnames, matrix):
+        writer.writerow([name, *row.tolist()])
+    atomic_write_text(out / "confusion_matrix.csv", buf.getvalue())
+    atomic_write_bytes(out / "confusion_matrix.png", confusion_png(matrix, classnames, "confusion after the last task"))
+
+
+def class_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for col, justify in (("class", "left"), ("test images", "right"), ("accuracy %", "right")):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(r["name"], str(r["test_images"]), _fmt(r["accuracy"]))
+    return table
 
 
 def write_run_report(out: Path, metrics: dict[str, Any]) -> None:

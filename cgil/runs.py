@@ -18,9 +18,21 @@ from .state import check_identity, state_dir
 from .text import normalize
 
 
+def method_runs(run_dir: Path) -> dict[str, Path]:
+    """The runs inside a `--method all` directory (one sub-directory per method), by method."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return {}
+    return {p.name: p for p in sorted(run_dir.iterdir()) if (p / "config.json").is_file()}
+
+
 def open_run(run_dir: Path) -> tuple[dict, Path]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
+        inside = method_runs(run_dir)
+        if inside:
+            raise CgilError(f"{run_dir} holds one run per method ({', '.join(inside)}); "
+                            f"give one of them, e.g. {run_dir / next(iter(inside))}")
         raise CgilError(f"{run_dir} is not a cgil run (no config.json)")
     current = state_dir(run_dir)
     if current is None:
@@ -48,7 +60,8 @@ def evaluate_run(run_dir: Path, dataset: Optional[str] = None, data_dir: Optiona
     keys = load_tensors(current / "head.safetensors")["keys"]
     clip = create_clip(cfg.model, cfg.pretrained, cfg.device, cfg.model_seed)
     check_identity(head_meta["model"], clip, current)
-    ds = get_dataset(dataset or cfg.dataset, data_dir if dataset else (data_dir or cfg.data_dir))
+    ds = get_dataset(dataset or cfg.dataset, data_dir if dataset else (data_dir or cfg.data_dir),
+                     val_split=None if dataset else cfg.val_split)
 
     by_name = {n: i for i, n in enumerate(head_meta["class_names"])}
     unknown = [n for n in ds.classnames if n not in by_name]
@@ -77,6 +90,10 @@ def evaluate_run(run_dir: Path, dataset: Optional[str] = None, data_dir: Optiona
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:
+    """What a run holds; for a `--method all` directory, the same for each method inside."""
+    inside = method_runs(run_dir)
+    if inside and not (Path(run_dir) / "config.json").exists():
+        return {"run": str(run_dir), "methods": {m: run_info(p) for m, p in inside.items()}}
     config, current = open_run(run_dir)
     manifest = verify_manifest(current)
     head_meta = read_json(current / "head.json")
@@ -90,6 +107,7 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "state_version": current.name,
         "head_version": head_meta["head_version"],
         "classes": head_meta["class_names"],
+        "images_per_class": config.get("class_counts"),
         "future_classes": head_meta.get("future_class_names", []),
         "generator": store["generator"]["kind"],
         "bytes": sizes,

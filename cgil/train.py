@@ -52,12 +52,20 @@ def build_scenario(cfg: TrainConfig, dataset: ImageDataset) -> Scenario:
     return Scenario.build(n, sizes, cfg.seed)
 
 
+def resolve_device(device: str) -> str:
+    """`auto`: cuda when torch sees a GPU, else cpu; other names pass through unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def validate(cfg: TrainConfig) -> None:
+    cfg.device = resolve_device(cfg.device)
     if cfg.method not in METHODS:
         raise CgilError(f"unknown method {cfg.method!r}; choose one of: {', '.join(METHODS)}, all")
     generator_class(cfg.generator.kind)
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise CgilError(f"unknown device {cfg.device!r}; choose one of: cpu, cuda")
+        raise CgilError(f"unknown device {cfg.device!r}; choose one of: auto, cpu, cuda")
 
 
 def deterministic_cuda(device: str) -> None:
@@ -96,10 +104,24 @@ class RunContext:
         return out
 
 
-def prepare(cfg: TrainConfig, out: Path, resume: bool, reporter: Reporter, cache_dir: Optional[Path]) -> RunContext:
+def describe_counts(counts: dict[str, dict[str, int]]) -> str:
+    """`images per class (train/test): coins 30/10, keys 28/9` (a summary past 20 classes)."""
+    names = list(counts["train"])
+    if len(names) <= 20:
+        return "images per class (train/test): " + ", ".join(
+            f"{n} {counts['train'][n]}/{counts['test'][n]}" for n in names)
+    train = sorted(counts["train"].values())
+    return (f"{len(names)} classes, {sum(train)} training images ({train[0]}-{train[-1]} per class), "
+            f"{sum(counts['test'].values())} test images; per class in config.json")
+
+
+def prepare(cfg: TrainConfig, out: Path, resume: bool, reporter: Reporter, cache_dir: Optional[Path],
+            strict: bool = False) -> RunContext:
     validate(cfg)
     deterministic_cuda(cfg.device)
-    dataset = get_dataset(cfg.dataset, cfg.data_dir)
+    dataset = get_dataset(cfg.dataset, cfg.data_dir, val_split=cfg.val_split, strict=strict)
+    counts = dataset.class_counts()
+    reporter.log(describe_counts(counts))
     scenario = build_scenario(cfg, dataset)
     config_path = out / "config.json"
     has_state = (out / "state" / "CURRENT").exists()
@@ -112,11 +134,17 @@ def prepare(cfg: TrainConfig, out: Path, resume: bool, reporter: Reporter, cache
         if diffs:
             raise CgilError(f"--resume refused, settings differ from the run in {out}: " + "; ".join(diffs))
     clip = create_clip(cfg.model, cfg.pretrained, cfg.device, cfg.model_seed)
+    # The run directory appears only now that settings, data and weights have all been accepted:
+    # a refused run leaves nothing behind.
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        reporter.attach_log(out / "train.log")
     if (not resume or not config_path.exists()) and distributed.is_main():
         atomic_write_json(config_path, {
             "settings": cfg.to_dict(),
             "dataset_id": dataset.dataset_id,
             "class_names": dataset.classnames,
+            "class_counts": counts,
             "class_order": list(scenario.order),
             "tasks": scenario.tasks(),
             "model_identity": clip.identity.to_dict(),
@@ -163,15 +191,18 @@ def keys_for_method(cfg: TrainConfig, learner: Learner) -> torch.Tensor:
 
 
 def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[int] = None,
-        reporter: Optional[Reporter] = None, cache_dir: Optional[Path] = None) -> Optional[dict[str, Any]]:
-    """Train one method over all tasks. Returns the metrics, or None when stopped early by `stop_after`."""
+        reporter: Optional[Reporter] = None, cache_dir: Optional[Path] = None,
+        strict: bool = False) -> Optional[dict[str, Any]]:
+    """Train one method over all tasks. Returns the metrics, or None when stopped early by `stop_after`.
+
+    `strict`: abort on an unreadable image of a folder: dataset instead of skipping it with a warning.
+    """
     reporter = reporter or Reporter()
-    if distributed.init_from_env(cfg.device) and not distributed.is_main():
+    if distributed.init_from_env(resolve_device(cfg.device)) and not distributed.is_main():
         reporter = Reporter(enabled=False)  # torchrun: rank 0 alone prints and writes run files
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
-    ctx = prepare(cfg, out, resume, reporter, cache_dir)
+    ctx = prepare(cfg, out, resume, reporter, cache_dir, strict=strict)
     sc, ds = ctx.scenario, ctx.dataset
     torch.manual_seed(cfg.seed)
 
@@ -242,8 +273,13 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, stop_after: Optional[
         "timings": ctx.timings,
         "timings_per_task": rows["timings_per_task"],
     }
-    from .report import write_run_report
+    from .report import write_class_report, write_run_report
 
     if distributed.is_main():
         write_run_report(out, metrics)
+        final = keys_for_method(cfg, learner)
+        feats, labels = torch.cat([f for f, _ in tests]), torch.cat([l for _, l in tests])
+        pred = torch.tensor(learner.class_ids)[(torch.nn.functional.normalize(feats, dim=-1) @ final.cpu().t())
+                                               .argmax(1)]
+        write_class_report(out, ds.classnames, labels.tolist(), pred.tolist())
     return metrics

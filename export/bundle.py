@@ -112,7 +112,7 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
     learner, _ = load_learner(state, clip)
     preprocess = preprocess_config(clip)
     pre = Preprocess.from_config(preprocess)
-    ds = get_dataset(cfg.dataset, cfg.data_dir)
+    ds = get_dataset(cfg.dataset, cfg.data_dir, val_split=cfg.val_split)
     test_pixels = _pixels(pre, _subset(ds.test.items, ds.test.labels, CHECK_IMAGES))
     keys = load_tensors(state / "head.safetensors")["keys"].float().numpy()
 

@@ -10,7 +10,8 @@ from typing import List, Optional
 
 import typer
 
-from runtime.console import console, fail, guarded
+from runtime.console import console, fail, guarded, require_learner
+from runtime.format import KEEP
 
 
 def register(app: typer.Typer) -> None:
@@ -53,6 +54,7 @@ def register(app: typer.Typer) -> None:
         store_precision: str = typer.Option("fp32", "--store-precision", help="fp32 | fp16: how the replay store is written"),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N: where --data fits generators and realigns"),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+        keep: int = typer.Option(KEEP, "--keep", min=2, help="Head versions kept on disk after this update, the new one included: N - 1 rollbacks stay possible"),
     ):
         """Learn new classes on the device and publish them as a new head version (atomic).
 
@@ -77,12 +79,13 @@ def register(app: typer.Typer) -> None:
             old, new = do_rollback(bundle)
             result = {"rolled_back_from": old, "current": new}
         elif zero_shot:
-            result = add_zero_shot(bundle, zero_shot)
+            result = add_zero_shot(bundle, zero_shot, keep=keep)
         else:
+            require_learner("cgil update --data")  # before any image is embedded
             from .update import update_from_images
 
             result = update_from_images(bundle, data, epochs=epochs, lr=lr, passes=passes, seed=seed,
-                                        store_precision=store_precision, device=device,
+                                        store_precision=store_precision, device=device, keep=keep,
                                         report=lambda s: typer.echo(s, err=as_json) if as_json else console.print(s, highlight=False))
         if as_json:
             typer.echo(json.dumps(result))

@@ -34,7 +34,7 @@ from cgil.tensor_io import tensors_to_bytes
 from runtime.artifacts import json_bytes
 from runtime.bundle import BundleManifest, Head, load_head, open_bundle
 from runtime.errors import CgilError
-from runtime.format import (PROMPT_CONTEXT, PROMPTS_META, PROMPTS_TENSORS, STORE_META, STORE_PRECISIONS,
+from runtime.format import (KEEP, PROMPT_CONTEXT, PROMPTS_META, PROMPTS_TENSORS, STORE_META, STORE_PRECISIONS,
                             STORE_TENSORS)
 from runtime.names import clean_names, folder_class_name
 from runtime.heads import (Report, check_new_names, head_meta, heads_root, learned_names, next_version, prune,
@@ -152,7 +152,8 @@ def _version_blobs(learner: Learner, src: Path, images: NewImages, new_ids: list
 
 
 def publish_update(root: Path, version: int, learner: Learner, head: Head, manifest: BundleManifest,
-                   images: NewImages, new_ids: list[int], update_record: dict[str, Any]) -> tuple[Path, dict]:
+                   images: NewImages, new_ids: list[int], update_record: dict[str, Any],
+                   keep: int = KEEP) -> tuple[Path, dict]:
     src = head.directory
     old = head_meta(src)
     names = images.names
@@ -180,17 +181,18 @@ def publish_update(root: Path, version: int, learner: Learner, head: Head, manif
             (d / name).write_bytes(blob)
         write_head_files(d, keys, future, meta)
 
-    return publish_head(root, version, write, version_model(src, manifest.raw["model"])), meta
+    return publish_head(root, version, write, version_model(src, manifest.raw["model"]), keep=keep), meta
 
 
 def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epochs: Optional[int] = None,
                        lr: Optional[float] = None, passes: Optional[int] = None, seed: int = 1992,
                        store_precision: str = "fp32", report: Report = lambda s: None,
-                       device: str = "cpu") -> dict[str, Any]:
+                       device: str = "cpu", keep: int = KEEP) -> dict[str, Any]:
     """Learn the classes in DATA/<class>/ and publish a new head version. Returns timings and the version.
 
     `device` runs the generators and the alignment (text tower) there: cpu, cuda or cuda:N. What is
-    published is the same files either way (tensors are written from the CPU).
+    published is the same files either way (tensors are written from the CPU). `keep`: head versions
+    kept on disk after publishing (keep - 1 rollbacks remain possible).
     """
     if store_precision not in STORE_PRECISIONS:
         raise CgilError(f"unknown store precision {store_precision!r}; choose one of: {', '.join(STORE_PRECISIONS)}")
@@ -212,10 +214,12 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
         names = check_new_names(names, head.class_names, learned, allow_zero_shot=True)
 
         t0 = time.perf_counter()
+        report(f"embedding {sum(len(f) for _, f in folders)} images of {len(names)} new class(es) with the bundle's image engine")
         images = embed_images(bundle, folders, report)
         timings["features"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        report("loading the text tower and the replay store (torch, open_clip)")
         learner, align_cfg = load_bundle_learner(manifest, src, epochs, lr, device)
         timings["load"] = time.perf_counter() - t0
 
@@ -223,11 +227,13 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
         version = next_version(root, head.version)
         known_ids = list(learner.class_ids) + [int(c) for c in head_meta(src).get("future_class_ids", [])]
         new_ids = [max(known_ids, default=-1) + 1 + k for k in range(len(names))]
+        report(f"fitting {learner.gen_cfg.kind} generators for {len(names)} class(es)")
         stats = fit_new_classes(learner, images, new_ids, passes, seed, version, store_precision)
         timings["generators"] = time.perf_counter() - t0
         report(f"  fitted {learner.gen_cfg.kind} generators for {len(names)} class(es) in {timings['generators']:.1f}s")
 
         t0 = time.perf_counter()
+        report(f"realigning {learner.prompts.num_classes} prompts on replay ({align_cfg.epochs} epochs)")
         align_stats = learner.align(learner.replay_source(), seed=derive_seed(seed, version, 2))
         timings["alignment"] = time.perf_counter() - t0
         report(f"  realigned {learner.prompts.num_classes} prompts ({align_cfg.epochs} epochs) in {timings['alignment']:.1f}s")
@@ -237,7 +243,7 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
                   "from_version": head.version, "seed": seed, "store_precision": store_precision, "device": device,
                   "generator_passes": learner.gen_cfg.passes, "generator_stats": _jsonable(stats),
                   "align_stats": align_stats, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        final, meta = publish_update(root, version, learner, head, manifest, images, new_ids, record)
+        final, meta = publish_update(root, version, learner, head, manifest, images, new_ids, record, keep=keep)
         timings["write"] = time.perf_counter() - t0
     report(f"published {final.name}: {len(meta['class_names'])} classes")
     return {"version": version, "directory": str(final), "added": names, "class_ids": new_ids,

@@ -35,8 +35,6 @@ def _short_names(args: list[Path], files: list[Path]) -> list[str]:
 
 def predict_files(classifier, files: list[Path], top_k: int, batch: int = 32) -> list[dict]:
     """One result per file, in order: {"file", "labels", "scores", ...} or {"file", "error"}."""
-    from .errors import CgilError
-
     results: list[dict] = []
     for start in range(0, len(files), batch):
         chunk, pixels, slots = files[start:start + batch], [], []
@@ -68,12 +66,11 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt | torch (a cross-check; needs the learner installed)"),
     ):
         """Classify images with an exported bundle. Exit code 1 if any file could not be read."""
-        from rich.markup import escape
         from rich.table import Table
-
-        from .names import printable
+        from rich.text import Text
 
         from .classifier import Classifier
+        from .names import printable
 
         classifier = Classifier(bundle, backend=backend)
         files = expand(images)
@@ -91,12 +88,13 @@ def register(app: typer.Typer) -> None:
             table.add_column(f"top-{top_k}", overflow="fold")
             shown = _short_names(images, files)
             for r, name in zip(results, shown):
-                # names and messages come from files: never markup, never raw control or bidi characters
-                name = escape(printable(name))
+                # names and messages come from files: never raw control or bidi characters (and the
+                # console reads no markup, so brackets print as written)
+                name = printable(name)
                 if "error" in r:
-                    table.add_row(name, "[red]error[/]", "", escape(printable(r["error"])))
+                    table.add_row(name, Text("error", "red"), "", printable(r["error"]))
                 else:
-                    labels = [escape(printable(label)) for label in r["labels"]]
+                    labels = [printable(label) for label in r["labels"]]
                     rest = ", ".join(f"{l} {s:.2f}" for l, s in zip(labels, r["scores"]))
                     table.add_row(name, labels[0], f"{r['scores'][0]:.3f}", rest)
             console.print(table)

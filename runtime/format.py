@@ -44,7 +44,7 @@ PROMPT_CONTEXT = "prompt_context.safetensors"  # the prompted text graph's input
 PROGRESS = "progress.json"
 
 STORE_PRECISIONS = ("fp32", "fp16")
-KEEP = 2  # head versions kept after a publish: the current one and the previous (rollback target)
+KEEP = 3  # head versions kept after a publish (`cgil update --keep N`): the current one and two rollback targets
 
 
 def version_name(version: int) -> str:

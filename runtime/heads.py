@@ -210,8 +210,11 @@ def check_new_names(names: Sequence[str], head_names: Sequence[str], learned: Se
 
 # ---------------------------------------------------------------- name-only update
 
-def add_zero_shot(bundle: str | os.PathLike, names: Sequence[str], report: Report = _quiet) -> dict[str, Any]:
-    """Publish a head with zero-shot keys for new class names (the bundle's text ONNX graph; no torch)."""
+def add_zero_shot(bundle: str | os.PathLike, names: Sequence[str], report: Report = _quiet,
+                  keep: int = KEEP) -> dict[str, Any]:
+    """Publish a head with zero-shot keys for new class names (the bundle's text ONNX graph; no torch).
+
+    `keep`: head versions kept on disk after publishing (keep - 1 rollbacks remain possible)."""
     from .bundle import load_head, open_bundle
     from .text import TextEncoderRuntime
 
@@ -249,6 +252,6 @@ def add_zero_shot(bundle: str | os.PathLike, names: Sequence[str], report: Repor
                     shutil.copyfile(p, d / p.name)
             write_head_files(d, keys, future, meta)
 
-        final = publish_head(root, version, write, version_model(src, manifest.raw["model"]))
+        final = publish_head(root, version, write, version_model(src, manifest.raw["model"]), keep=keep)
     report(f"added {len(names)} zero-shot class(es) as {final.name} in {time.perf_counter() - t0:.2f}s: {', '.join(names)}")
     return {"version": version, "directory": str(final), "added": names}

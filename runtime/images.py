@@ -61,6 +61,24 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(arr.astype(np.uint8), mode="L")
 
 
+def check_image(path: Union[str, os.PathLike]) -> None:
+    """Cheap readability check (header only, no decoding): a CgilError naming the file and the cause.
+
+    Catches what makes a file useless before hours of work depend on it: not an image (a macOS
+    `._IMG_0001.jpg` resource fork), a truncated header, or more pixels than Pillow will decode.
+    """
+    path = os.fspath(path)
+    try:
+        with Image.open(path, formats=FILE_FORMATS) as f:  # the decoders open_image would use
+            w, h = f.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CgilError(f"cannot read image {path}: {e}") from e
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * h > 2 * limit:  # what Pillow itself refuses to decode
+        raise CgilError(f"cannot read image {path}: {w}x{h} = {w * h / 1e6:.0f} megapixels, above the "
+                        f"{2 * limit / 1e6:.0f} MP that Pillow decodes")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB from grayscale, 16-bit, palette, RGBA (composited on white) or CMYK images."""
     if img.mode == "RGB":

@@ -76,9 +76,15 @@ def test_unreadable_image_names_the_file(tmp_path):
     root = make_folder(tmp_path / "data")
     bad = root / "train" / "banana" / "broken.png"
     bad.write_bytes(b"this is not a png")
+    ds = get_dataset(f"folder:{root}")  # skipped with a warning (issue 13); --strict refuses it by name
+    assert str(bad) not in ds.train.items and len(ds.train) == 12
+    with pytest.raises(CgilError, match=r"unreadable image\(s\) .*broken\.png"):
+        get_dataset(f"folder:{root}", strict=True)
+    truncated = root / "train" / "banana" / "0.png"  # a header that reads, pixels that do not
+    truncated.write_bytes(truncated.read_bytes()[:60])
     ds = get_dataset(f"folder:{root}")
     clip = create_clip("cgil-tiny")
-    with pytest.raises(CgilError, match=r"cannot read image .*broken\.png"):
+    with pytest.raises(CgilError, match=r"cannot read image .*0\.png"):
         task_features(clip, ds, "train", [0], cache_dir=None)
 
 

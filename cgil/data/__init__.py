@@ -36,15 +36,33 @@ def dataset_choices() -> list[str]:
     return sorted(_REGISTRY) + ["folder:PATH"]
 
 
-def get_dataset(spec: str, data_dir: Optional[str | Path] = None) -> ImageDataset:
+def check_dataset_name(spec: str) -> None:
+    """Refuse an unknown --dataset before anything is loaded: "did you mean", and `folder:` for a path."""
+    import difflib
+
+    if spec.startswith("folder:") or spec in _REGISTRY:
+        return
+    hint = ""
+    if "/" in spec or Path(spec).expanduser().exists():
+        hint = f" (a folder of your own images is given as folder:{spec})"
+    else:
+        close = difflib.get_close_matches(spec.lower(), sorted(_REGISTRY), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise CgilError(f"unknown dataset {spec!r}{hint}; choose one of: {', '.join(dataset_choices())}")
+
+
+def get_dataset(spec: str, data_dir: Optional[str | Path] = None, val_split: Optional[float] = None,
+                strict: bool = False) -> ImageDataset:
+    """`val_split` (a fraction) and `strict` (abort on unreadable files) apply to `folder:` datasets."""
+    check_dataset_name(spec)
     if spec.startswith("folder:"):
         from .folder import load_folder_dataset
 
-        ds = load_folder_dataset(spec[len("folder:"):])
-    elif spec in _REGISTRY:
-        ds = _REGISTRY[spec](Path(data_dir).expanduser() if data_dir else None)
+        ds = load_folder_dataset(spec[len("folder:"):], val_split=val_split, strict=strict)
     else:
-        raise CgilError(f"unknown dataset {spec!r}; choose one of: {', '.join(dataset_choices())}")
+        if val_split is not None:
+            raise CgilError(f"--val-split is for folder: datasets; {spec} has its own test split")
+        ds = _REGISTRY[spec](Path(data_dir).expanduser() if data_dir else None)
     ds.check()
     return ds
 
@@ -52,4 +70,4 @@ def get_dataset(spec: str, data_dir: Optional[str | Path] = None) -> ImageDatase
 # The paper's benchmarks (and CIFAR-100): each module registers its loader on import.
 from . import cars196, cifar100, cub200, eurosat, imagenet_r, isic  # noqa: E402,F401
 
-__all__ = ["ImageDataset", "Split", "get_dataset", "dataset_choices", "register_dataset", "load_image", "to_rgb"]
+__all__ = ["ImageDataset", "Split", "get_dataset", "check_dataset_name", "dataset_choices", "register_dataset", "load_image", "to_rgb"]

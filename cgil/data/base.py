@@ -57,6 +57,11 @@ class ImageDataset:
             if empty:
                 raise CgilError(f"{self.name}: no {split_name} images for class(es): {', '.join(empty)}")
 
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class name in each split (recorded in config.json and printed by train)."""
+        return {split: {name: int(n) for name, n in zip(self.classnames, np.bincount(
+            getattr(self, split).labels, minlength=self.num_classes))} for split in ("train", "test")}
+
 
 def fingerprint_files(paths: Sequence[str | Path], root: Path) -> str:
     """Cheap content fingerprint: relative path, size and mtime of every file."""

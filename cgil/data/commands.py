@@ -17,8 +17,9 @@ from typing import Any, Optional
 import numpy as np
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from runtime.console import console, fail, guarded
+from runtime.console import console, fail, guarded, warn
 from runtime.errors import CgilError
 from .catalog import BENCHMARKS, Benchmark, Expected, default_root
 
@@ -44,10 +45,29 @@ def _expected_total(exp: Expected, classnames: list[str]) -> Optional[int]:
     return None
 
 
-def check_report(name: str, data_dir: Optional[Path]) -> dict[str, Any]:
-    """Counts per split and class next to the expected ones. Loader errors (missing files) propagate."""
-    from . import _REGISTRY
+def folder_report(spec: str, val_split: Optional[float] = None) -> dict[str, Any]:
+    """`data check folder:PATH`: what train would use, per split and class, and every file it would skip."""
+    from .folder import load_folder_dataset
 
+    ds = load_folder_dataset(spec[len("folder:"):], val_split=val_split, warn=lambda message: None)
+    counts = ds.class_counts()
+    report: dict[str, Any] = {"name": spec, "title": "your folder", "dataset_id": ds.dataset_id,
+                              "root": ds.meta["root"], "num_classes": ds.num_classes, "splits": {},
+                              "problems": [f"unreadable, skipped: {p} ({why})" for p, why in ds.meta["skipped"]]}
+    for split in ("train", "test"):
+        rows = [{"class": c, "count": n, "expected": None, "ok": n > 0} for c, n in counts[split].items()]
+        report["splits"][split] = {"total": sum(counts[split].values()), "expected_total": None, "classes": rows}
+    report["ok"] = not report["problems"]
+    return report
+
+
+def check_report(name: str, data_dir: Optional[Path], val_split: Optional[float] = None) -> dict[str, Any]:
+    """Counts per split and class next to the expected ones. Loader errors (missing files) propagate."""
+    from . import _REGISTRY, check_dataset_name
+
+    if name.startswith("folder:"):
+        return folder_report(name, val_split)
+    check_dataset_name(name)
     bench = _bench(name)
     ds = _REGISTRY[name](Path(data_dir).expanduser() if data_dir else None)
     report: dict[str, Any] = {"name": name, "title": bench.title, "dataset_id": ds.dataset_id,
@@ -77,7 +97,7 @@ def check_report(name: str, data_dir: Optional[Path]) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any], show_all: bool) -> None:
-    console.print(f"[bold]{report['title']}[/] ({report['name']}) in {report['root']}")
+    console.print(Text.assemble((report["title"], "bold"), f" ({report['name']}) in {report['root']}"))
     console.print(f"dataset id: {report['dataset_id']}", highlight=False)
     for split, info in report["splits"].items():
         want = info["expected_total"]
@@ -88,15 +108,19 @@ def print_report(report: dict[str, Any], show_all: bool) -> None:
             if show_all or not row["ok"]:
                 table.add_row(str(i), row["class"], str(row["count"]),
                               "-" if row["expected"] is None else str(row["expected"]),
-                              "[green]ok[/]" if row["ok"] else "[red]differs[/]")
+                              Text("ok", "green") if row["ok"] else Text("differs", "red"))
         if table.row_count:
             console.print(table)
         else:
             console.print(f"{split}: {info['total']} images, all {len(info['classes'])} classes as expected")
     if report["ok"]:
-        console.print("[green]complete[/]: every split and class matches the reference protocol")
+        done = ("every image is readable" if report["name"].startswith("folder:")
+                else "every split and class matches the reference protocol")
+        console.print(Text.assemble(("complete", "green"), f": {done}"))
     else:
-        console.print(f"[red]{len(report['problems'])} difference(s)[/] from a complete copy:")
+        console.print(Text.assemble((f"{len(report['problems'])} difference(s)", "red"),
+                                    " (files train would skip):" if report["name"].startswith("folder:")
+                                    else " from a complete copy:"))
         for p in report["problems"][:20]:
             console.print(f"  {p}", highlight=False)
 
@@ -139,7 +163,7 @@ def download(name: str, data_dir: Optional[Path], keep_archives: bool = False) -
     root = Path(data_dir).expanduser() if data_dir else default_root(name)
     root.mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(root).free < 2 * 2**30:
-        console.print(f"[yellow]warning[/]: less than 2 GiB free in {root}")
+        warn(f"less than 2 GiB free in {root}")
     for d in bench.downloads:
         archive = root / d.filename
         if not archive.exists():
@@ -156,12 +180,18 @@ def register(app: typer.Typer) -> None:
     @data_app.command("check")
     @guarded
     def check_cmd(
-        name: str = typer.Argument(..., help=", ".join(sorted(BENCHMARKS))),
+        name: str = typer.Argument(..., help=", ".join(sorted(BENCHMARKS)) + ", or folder:PATH"),
         data_dir: Optional[Path] = typer.Option(None, help="Dataset folder (default $CGIL_DATA/NAME)"),
         show_all: bool = typer.Option(False, "--all", help="List every class, not only those that differ"),
+        val_split: Optional[float] = typer.Option(None, help="folder: without test/: the share of train/ held out"),
     ):
-        """Count images per split and class and compare with a complete copy under the reference protocol."""
-        report = check_report(name, data_dir)
+        """Count images per split and class and compare with a complete copy under the reference protocol.
+
+        For folder:PATH, the images train would use per split and class, and every unreadable file it
+        would skip. Exit code 1 when anything differs or would be skipped.
+        """
+        report = check_report(name, data_dir, val_split)
+        show_all = show_all or name.startswith("folder:")
         print_report(report, show_all)
         if not report["ok"]:
             raise typer.Exit(code=1)
@@ -186,7 +216,7 @@ def register(app: typer.Typer) -> None:
         """The benchmarks, their task splits and where they are looked for by default."""
         table = Table()
         for col in ("name", "dataset", "classes", "tasks", "default folder"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")  # a narrow terminal wraps a path, never cuts it
         for b in sorted(BENCHMARKS.values(), key=lambda b: b.name):
             sizes = list(b.task_sizes)
             tasks = f"{len(sizes)}x{sizes[0]}" if len(set(sizes)) == 1 else " + ".join(
