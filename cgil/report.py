@@ -43,8 +43,15 @@ def heatmap_png(matrix: Sequence[Sequence[Optional[float]]], title: str) -> byte
     ax.set_yticks(range(n), [str(t + 1) for t in range(n)])
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training task")
-    ax.set_title(wrap_title(title, fig.get_figwidth(), 9), fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
+    return _finish_png(fig, ax, im, title, fig.get_figwidth(), "accuracy (%)")
+
+
+def _finish_png(fig, ax, im, title: str, width_in: float, colorbar_label: str) -> bytes:
+    """Title (wrapped to the figure), colour bar, layout, then the figure as PNG bytes (and closed)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(wrap_title(title, width_in, 9), fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=colorbar_label)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -91,13 +98,7 @@ def confusion_png(matrix: Any, classnames: Sequence[str], title: str) -> bytes:
     ax.set_yticks(list(ticks), [classnames[k] for k in ticks], fontsize=7)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(wrap_title(title, side, 9), fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _finish_png(fig, ax, im, title, side, "% of the true class")
 
 
 def write_class_report(out: Path, classnames: Sequence[str], labels: Sequence[int], pred: Sequence[int]) -> None:
