@@ -31,9 +31,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .artifacts import verify_manifest
+from .artifacts import verify_manifest, version_path
 from .errors import CgilError
-from .format import BUNDLE_KIND, HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, MANIFEST, POINTER
+from .format import BUNDLE_KIND, HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, MANIFEST, POINTER, VERSION_RE
 from .identity import ModelIdentity
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -183,10 +183,26 @@ def check_head_files(directory: Path) -> None:
                f"new head version {meta.get('head_version', '?')} (refused, the bundle is unchanged)")
 
 
+def checked_version(root: Path, name: str, where: str) -> Path:
+    """root/name for a version name read from disk: `head-NNNN`, a folder directly inside root."""
+    return version_path(root, name, where, VERSION_RE)
+
+
+def current_name(root: Path) -> str:
+    pointer = root / POINTER
+    try:
+        name = pointer.read_text().strip()
+    except UnicodeDecodeError:
+        raise CgilError(f"{pointer} is corrupt (not UTF-8 text)") from None
+    except OSError as e:
+        raise CgilError(f"cannot read {pointer}: {e.strerror}") from None
+    if not name or not checked_version(root, name, str(pointer)).is_dir():
+        raise CgilError(f"{pointer} points at {name!r}, which does not exist")
+    return name
+
+
 def head_dir(path: Path) -> Path:
     """A bundle (-> its current head), a bundle's heads/ folder, or one head version folder."""
-    from .heads import current_name
-
     path = Path(path)
     for root in (path / HEADS_DIR, path):
         if (root / POINTER).is_file():

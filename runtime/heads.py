@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .artifacts import (atomic_write_json, atomic_write_text, publish_version, read_history, remove_orphans,
-                        remove_stale_versions, version_path)
+                        remove_stale_versions)
+from .bundle import check_head_files, checked_version, current_name, load_head, open_bundle
 from .errors import CgilError
 from .names import clean_names
 from .format import (HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, HISTORY, KEEP, LOCK, MANIFEST, NEWEST,
@@ -44,24 +45,6 @@ def heads_root(bundle: str | os.PathLike) -> Path:
     if not (root / POINTER).is_file():
         raise CgilError(f"{bundle} is not a bundle with versioned heads (no {HEADS_DIR}/{POINTER})")
     return root
-
-
-def checked_version(root: Path, name: str, where: str) -> Path:
-    """root/name for a version name read from disk: `head-NNNN`, a folder directly inside root."""
-    return version_path(root, name, where, VERSION_RE)
-
-
-def current_name(root: Path) -> str:
-    pointer = root / POINTER
-    try:
-        name = pointer.read_text().strip()
-    except UnicodeDecodeError:
-        raise CgilError(f"{pointer} is corrupt (not UTF-8 text)") from None
-    except OSError as e:
-        raise CgilError(f"cannot read {pointer}: {e.strerror}") from None
-    if not name or not checked_version(root, name, str(pointer)).is_dir():
-        raise CgilError(f"{pointer} points at {name!r}, which does not exist")
-    return name
 
 
 def version_dirs(root: Path) -> dict[int, Path]:
@@ -129,8 +112,6 @@ def publish_head(root: Path, version: int, write: Callable[[Path], None], model:
     The head is checked for sanity (runtime.bundle.check_head) in the temporary folder, before the
     switch: a head that would break serving is refused and the bundle stays as it was.
     """
-    from .bundle import check_head_files
-
     def write_checked(d: Path) -> None:
         write(d)
         check_head_files(d)
@@ -141,8 +122,6 @@ def publish_head(root: Path, version: int, write: Callable[[Path], None], model:
 
 def rollback(bundle: str | os.PathLike, report: Report = _quiet) -> tuple[str, str]:
     """Point heads/CURRENT back at the version published before the current one. Returns (from, to)."""
-    from .bundle import load_head
-
     root = heads_root(bundle)
     with update_lock(root):
         current = current_name(root)
@@ -215,7 +194,6 @@ def add_zero_shot(bundle: str | os.PathLike, names: Sequence[str], report: Repor
     """Publish a head with zero-shot keys for new class names (the bundle's text ONNX graph; no torch).
 
     `keep`: head versions kept on disk after publishing (keep - 1 rollbacks remain possible)."""
-    from .bundle import load_head, open_bundle
     from .text import TextEncoderRuntime
 
     bundle = Path(bundle)
