@@ -12,13 +12,17 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from runtime.errors import CgilError
 from .text import TextEncoder, normalize
 
 PLACEHOLDER = "X"  # a real BPE token whose embedding is overwritten by learned vectors
 
 
 class ContextGenerator(nn.Sequential):
-    """g: (Linear -> BatchNorm -> SELU) x 3 -> Linear, from text-embedding width to token width.
+    """g: (Linear -> BatchNorm -> SELU) x 3 -> Linear, from text-embedding width E to token width W.
+
+    Widths as in the reference: the first two blocks map E -> E, the third E -> W (BatchNorm(W)), and
+    the last layer W -> W. When E = W (cgil-tiny, ViT-B-16, ViT-L-14) every layer is E -> E.
 
     As in the reference, it always runs in evaluation mode: the BatchNorm layers keep their
     initial running statistics and act as learnable affine maps, and a class's key does not
@@ -27,9 +31,12 @@ class ContextGenerator(nn.Sequential):
 
     def __init__(self, embed_dim: int, token_width: int, depth: int = 3):
         layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers += [nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(embed_dim), nn.SELU()]
-        layers.append(nn.Linear(embed_dim, token_width))
+        width = embed_dim
+        for block in range(depth):
+            out = token_width if block == depth - 1 else embed_dim
+            layers += [nn.Linear(width, out), nn.BatchNorm1d(out), nn.SELU()]
+            width = out
+        layers.append(nn.Linear(width, token_width))
         super().__init__(*layers)
         self.eval()
 
@@ -111,4 +118,13 @@ class PromptLearner(nn.Module):
         self.add_classes(class_ids, names, torch.Generator(), zero_shot=state.get("zero_shot"))
         self.ctx = nn.Parameter(state["ctx"].to(self.ctx.device))
         gen_state = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
+        mine = self.generator.state_dict()
+        wrong = [k for k, v in gen_state.items() if k in mine and tuple(v.shape) != tuple(mine[k].shape)]
+        if wrong or set(gen_state) != set(mine):
+            detail = (f"{wrong[0]} is {tuple(gen_state[wrong[0]].shape)}, expected {tuple(mine[wrong[0]].shape)}"
+                      if wrong else f"tensors {sorted(set(gen_state) ^ set(mine))[:3]} differ")
+            raise CgilError(
+                f"the saved context generator does not fit this model ({detail}); a run saved before cgil "
+                f"matched the reference's layer widths for text width != token width must be retrained"
+            )
         self.generator.load_state_dict(gen_state)

@@ -77,3 +77,37 @@ def test_alignment_separates_classes_on_their_own_features(clip):
     learner.align(Learner.real_source(feats, labels), seed=0)
     pred = (torch.nn.functional.normalize(feats, dim=-1) @ learner.head().t()).argmax(1)
     assert (learner.columns(labels) == pred).float().mean() > 0.95
+
+
+def reference_context_generator(in_dim: int, out_dim: int) -> torch.nn.Sequential:
+    """The reference's g (models/cgil_utils/cgil_utils.py), as written there."""
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.BatchNorm1d(in_dim), nn.SELU(True),
+                         nn.Linear(in_dim, in_dim), nn.BatchNorm1d(in_dim), nn.SELU(True),
+                         nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim), nn.SELU(True),
+                         nn.Linear(out_dim, out_dim))
+
+
+@pytest.mark.parametrize("embed_dim, width", [(48, 32), (32, 48), (40, 40)])
+def test_context_generator_has_the_reference_widths_and_init(embed_dim, width):
+    from cgil.prompts import ContextGenerator
+
+    torch.manual_seed(0)
+    ours = ContextGenerator(embed_dim, width)
+    torch.manual_seed(0)
+    ref = reference_context_generator(embed_dim, width).eval()
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    z = torch.randn(5, embed_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(z), ref(z))
+
+
+def test_a_context_generator_of_other_widths_is_refused_clearly(clip):
+    from runtime.errors import CgilError
+
+    learner = prompts_for(clip, True)
+    state = learner.learned_state()
+    state["generator.6.weight"] = torch.zeros(64, 32)  # the third block as an older layout would save it
+    with pytest.raises(CgilError, match="context generator does not fit"):
+        learner.load_learned_state(state, list(range(len(NAMES))), NAMES)
