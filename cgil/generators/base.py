@@ -151,12 +151,17 @@ class TrainedGenerators(ClassGenerators):
         idx = idx.to(device)
         lrs = lr_table(self.lr, per_class_iters, schedule=self.schedule)
         opt = BatchedAdam(list(nets.parameters()), weight_decay=self.weight_decay)
-        loss_k = torch.zeros(self.num_classes)
+        last_loss = torch.zeros(self.num_classes)  # each class's loss at its own last step
+        ends_at: dict[int, list[int]] = {}
+        for k, n in enumerate(per_class_iters):
+            ends_at.setdefault(n - 1, []).append(k)
         for it in range(iters):
             if it % self.noise_chunk == 0:  # whole chunks always, so a class's streams never depend on K
                 noise = tuple(n.to(device) for n in self.draw_noise(gens, self.noise_chunk))
             xb = torch.gather(x, 1, idx[:, it, :, None].expand(-1, -1, self.dim))
             loss_k = self.batch_loss(nets, xb, tuple(n[:, it % self.noise_chunk] for n in noise))
+            if it in ends_at:
+                last_loss[ends_at[it]] = loss_k.detach()[ends_at[it]].cpu()
             opt.zero_grad()
             loss_k.sum().backward()  # classes share no parameters: each gets exactly its own gradient
             opt.step(lrs[it])
@@ -167,7 +172,7 @@ class TrainedGenerators(ClassGenerators):
         self.norm_scale.copy_(norm.scale)
         self.norm_shift.copy_(norm.shift)
         self.to(device)
-        return {"iterations": per_class_iters, "final_loss": float(loss_k.detach().mean())}
+        return {"iterations": per_class_iters, "final_loss": float(last_loss.mean())}
 
 
 def randn_per_class(gens: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:

@@ -91,6 +91,52 @@ class VAEGenerators(TrainedGenerators):
         nll = 0.5 * (nets["decoder"](z) - x).pow(2).sum(dim=(1, 2)) + _HALF_LOG_2PI * x.shape[1] * x.shape[2]
         return (nll + kl) / x.shape[1]
 
+    def fit(self, feats: Sequence[torch.Tensor], seed: int, progress=None) -> dict:
+        """On a CPU: the hand-written step of vae_cpu.py, one class after another (same streams, same
+        result up to float rounding, ~1.2-1.5x less CPU time); elsewhere the shared batched autograd loop."""
+        if feats[0].device.type != "cpu":
+            return super().fit(feats, seed, progress)
+        return self._fit_cpu(feats, seed, progress)
+
+    def _fit_cpu(self, feats: Sequence[torch.Tensor], seed: int, progress=None) -> dict:
+        from .layers import MinMaxZScore, batch_indices, class_generators, lr_table, pad_features
+        from .vae_cpu import FlatVAE
+
+        self.check_sizes(feats)
+        cfg, textbook = self.cfg, self.cfg.vae_objective == "textbook"
+        sizes = [f.shape[0] for f in feats]
+        norm = MinMaxZScore.fit(feats)
+        x = norm.forward(pad_features(feats)[0])
+        gens = class_generators(seed, self.class_ids)
+        per_class_iters = self.iterations(sizes)
+        idx = batch_indices(class_generators(seed, self.class_ids, stream=1), sizes, max(per_class_iters),
+                            cfg.batch_size)
+        lrs = lr_table(self.lr, per_class_iters, schedule=self.schedule)
+        self.build_empty()
+        done, total, losses = 0, sum(per_class_iters), []
+        for k, gen in enumerate(gens):
+            nets = self.build_networks([gen])  # class k's initial draws, exactly as in the batched build
+            flat = FlatVAE(self.dim, cfg.hidden_dim, cfg.latent_dim)
+            flat.load(nets["encoder"], nets["decoder"].layers)
+            rates = lrs[:, k].tolist()
+            for it in range(per_class_iters[k]):
+                if it % self.noise_chunk == 0:  # whole chunks from the class's own stream, as the batched loop
+                    noise = self.draw_noise([gen], self.noise_chunk)[0][0]
+                xb, eps = x[k].index_select(0, idx[k, it]), noise[it % self.noise_chunk]
+                if it == per_class_iters[k] - 1:
+                    losses.append(flat.loss(xb, eps, textbook))
+                flat.step(xb, eps, rates[it], textbook)
+                done += 1
+                if progress:
+                    progress(done, total)
+            with torch.no_grad():
+                for layer, (w, b) in zip(self.decoder.layers, flat.decoder_state()):
+                    layer.weight[k].copy_(w)
+                    layer.bias[k].copy_(b.view(1, -1))
+        self.norm_scale.copy_(norm.scale)
+        self.norm_shift.copy_(norm.shift)
+        return {"iterations": per_class_iters, "final_loss": float(sum(losses) / len(losses))}
+
     def keep(self, nets: nn.Module) -> None:
         self.decoder.load_state_dict(nets["decoder"].state_dict())
 

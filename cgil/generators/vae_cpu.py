@@ -1,0 +1,161 @@
+"""The VAE's training step written out by hand for CPUs: forward, backward and Adam with no autograd.
+
+Why: a digits task's VAE step is ~0.38 GFLOP over ~1M parameters at batch 64, so on one CPU core
+it is bound by GEMMs and by passes over parameter-sized memory, not by arithmetic elsewhere. Autograd
+adds a graph per step, temporaries per op and a gradient buffer per parameter; here one class's
+parameters, gradients and Adam moments each live in one flat buffer, Adam is one fused kernel over
+it, and the forward keeps exactly what the backward needs. Classes train one after another, each
+from its own RNG streams, so a class ends where the batched autograd path ends (equal up to float
+rounding, `tests/test_vae_cpu.py`) whatever the task's other classes are.
+
+Measured (docs/reference-differences.md, "Speed"): GEMMs are ~2/3 of this step's CPU time and run near
+the one-thread GEMM rate, Adam ~1/6. bfloat16 GEMM operands (AMX) were tried and dropped: the casts of
+weights and gradients each step ate the GEMM gain (4% faster end to end on this Xeon).
+
+Notation (one class, batch B): encoder a1 = x W1 + b1, y1 = BN(a1), h1 = lrelu(y1), a2 = h1 W2 + b2,
+y2 = BN(a2), h2 = lrelu(y2), [mu | s] = h2 W3 + b3, z = mu + sigma(s) eps; decoder d1 = z V1 + c1,
+e1 = lrelu(d1), d2 = e1 V2 + c2, e2 = lrelu(d2), x_hat = e2 V3 + c3. Loss per sample:
+0.5 |x_hat - x|^2 + 0.5 sum(exp(s) + mu^2 - 1 - s) (+ a constant), sigma(s) = exp(s) ("reference")
+or exp(s / 2) ("textbook"); both KL forms have d/ds = 0.5 (exp(s) - 1) and d/dmu = mu.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .layers import BatchedBatchNorm
+
+_BN_EPS = 1e-5
+_SLOPE = 0.2
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class FlatVAE:
+    """One class's VAE as flat float32 buffers: parameters, gradients, Adam moments (weights first)."""
+
+    def __init__(self, dim: int, hidden: int, latent: int):
+        self.dim, self.hidden, self.latent = dim, hidden, latent
+        self.weight_shapes = [(dim, hidden), (hidden, hidden), (hidden, 2 * latent),  # W1 W2 W3
+                              (latent, hidden), (hidden, hidden), (hidden, dim)]      # V1 V2 V3
+        self.vector_sizes = [hidden, hidden, 2 * latent, hidden, hidden, dim,  # b1 b2 b3 c1 c2 c3
+                             hidden, hidden, hidden, hidden]                    # BN gamma1 beta1 gamma2 beta2
+        self.n_weights = sum(i * o for i, o in self.weight_shapes)
+        total = self.n_weights + sum(self.vector_sizes)
+        self.params, self.grads = torch.zeros(total), torch.zeros(total)
+        self.m, self.v = torch.zeros(total), torch.zeros(total)
+        self.step_count = torch.zeros(())  # the fused kernel reads the step from a tensor
+        self.w, self.vec = self._split(self.params)
+        self.gw, self.gvec = self._split(self.grads)
+
+    def _split(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        weights, vectors, off = [], [], 0
+        for i, o in self.weight_shapes:
+            weights.append(flat[off:off + i * o].view(i, o))
+            off += i * o
+        for n in self.vector_sizes:
+            vectors.append(flat[off:off + n])
+            off += n
+        return weights, vectors
+
+    def load(self, encoder: Sequence[torch.nn.Module], decoder: Sequence[torch.nn.Module]) -> None:
+        """Copy K=1 batched modules (BatchedLinear / BatchedBatchNorm, initialised the usual way) in."""
+        bns = [m for m in encoder if isinstance(m, BatchedBatchNorm)]
+        linears = [m for m in encoder if not isinstance(m, BatchedBatchNorm)] + list(decoder)
+        with torch.no_grad():
+            for w, b, layer in zip(self.w, self.vec[:6], linears):
+                w.copy_(layer.weight[0])
+                b.copy_(layer.bias[0].reshape(-1))
+            for j, bn in enumerate(bns):
+                self.vec[6 + 2 * j].copy_(bn.weight[0].reshape(-1))
+                self.vec[7 + 2 * j].copy_(bn.bias[0].reshape(-1))
+
+    def decoder_state(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.w[3 + j].clone(), self.vec[3 + j].clone()) for j in range(3)]
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor, lr: float, textbook: bool = False,
+             betas=(0.9, 0.999), adam_eps: float = 1e-8) -> None:
+        """Gradients of the mean loss on batch x (B, D) with latent noise eps (B, L), then one Adam step."""
+        self._gradients(x, eps, textbook)
+        self.step_count.add_(1)
+        torch._fused_adam_([self.params], [self.grads], [self.m], [self.v], [], [self.step_count], lr=lr,
+                           beta1=betas[0], beta2=betas[1], weight_decay=0.0, eps=adam_eps, amsgrad=False,
+                           maximize=False)
+
+    def _gradients(self, x: torch.Tensor, eps: torch.Tensor, textbook: bool) -> None:
+        W1, W2, W3, V1, V2, V3 = self.w
+        gW1, gW2, gW3, gV1, gV2, gV3 = self.gw
+        mm = torch.mm
+        b1, b2, b3, c1, c2, c3, g1, be1, g2, be2 = self.vec
+        gb1, gb2, gb3, gc1, gc2, gc3, gg1, gbe1, gg2, gbe2 = self.gvec
+        bsz, lat = x.shape[0], self.latent
+        bn = torch.ops.aten.native_batch_norm
+        bn_back = torch.ops.aten.native_batch_norm_backward
+        lrelu_back = torch.ops.aten.leaky_relu_backward
+
+        # forward, keeping what the backward reads
+        a1 = mm(x, W1).add_(b1)
+        y1, mean1, rstd1 = bn(a1, g1, be1, None, None, True, 0.0, _BN_EPS)
+        h1 = F.leaky_relu(y1, _SLOPE)
+        a2 = mm(h1, W2).add_(b2)
+        y2, mean2, rstd2 = bn(a2, g2, be2, None, None, True, 0.0, _BN_EPS)
+        h2 = F.leaky_relu(y2, _SLOPE)
+        a3 = mm(h2, W3).add_(b3)
+        mu, s = a3[:, :lat], a3[:, lat:]
+        sigma = torch.exp(0.5 * s) if textbook else torch.exp(s)
+        z = torch.addcmul(mu, sigma, eps)
+        d1 = mm(z, V1).add_(c1)
+        e1 = F.leaky_relu(d1, _SLOPE)
+        d2 = mm(e1, V2).add_(c2)
+        e2 = F.leaky_relu(d2, _SLOPE)
+        x_hat = mm(e2, V3).add_(c3)
+
+        # backward of mean(0.5 |x_hat - x|^2 + KL) over the batch
+        g = (x_hat - x).div_(bsz)
+        torch.mm(e2.t(), g, out=gV3)
+        torch.sum(g, 0, out=gc3)
+        g = lrelu_back(mm(g, V3.t()), d2, _SLOPE, False)
+        torch.mm(e1.t(), g, out=gV2)
+        torch.sum(g, 0, out=gc2)
+        g = lrelu_back(mm(g, V2.t()), d1, _SLOPE, False)
+        torch.mm(z.t(), g, out=gV1)
+        torch.sum(g, 0, out=gc1)
+        g_z = mm(g, V1.t())
+        g_a3 = torch.empty(bsz, 2 * lat)
+        torch.add(g_z, mu, alpha=1.0 / bsz, out=g_a3[:, :lat])  # d/dmu: decoder path + KL's mu / B
+        dz_ds = sigma.mul_(eps).mul_(0.5) if textbook else sigma.mul_(eps)
+        kl_ds = torch.exp(s).sub_(1.0).mul_(0.5 / bsz)
+        torch.addcmul(kl_ds, g_z, dz_ds, out=g_a3[:, lat:])
+        torch.mm(h2.t(), g_a3, out=gW3)
+        torch.sum(g_a3, 0, out=gb3)
+        g = lrelu_back(mm(g_a3, W3.t()), y2, _SLOPE, False)
+        g, g_gamma, g_beta = bn_back(g, a2, g2, None, None, mean2, rstd2, True, _BN_EPS, [True, True, True])
+        gg2.copy_(g_gamma)
+        gbe2.copy_(g_beta)
+        torch.mm(h1.t(), g, out=gW2)
+        torch.sum(g, 0, out=gb2)
+        g = lrelu_back(mm(g, W2.t()), y1, _SLOPE, False)
+        g, g_gamma, g_beta = bn_back(g, a1, g1, None, None, mean1, rstd1, True, _BN_EPS, [True, True, True])
+        gg1.copy_(g_gamma)
+        gbe1.copy_(g_beta)
+        torch.mm(x.t(), g, out=gW1)
+        torch.sum(g, 0, out=gb1)
+
+    @torch.no_grad()
+    def loss(self, x: torch.Tensor, eps: torch.Tensor, textbook: bool = False) -> float:
+        """The batch's mean loss with the current parameters (training-mode BatchNorm), float32."""
+        W1, W2, W3, V1, V2, V3 = self.w
+        b1, b2, b3, c1, c2, c3, g1, be1, g2, be2 = self.vec
+        h = F.leaky_relu(F.batch_norm(x @ W1 + b1, None, None, g1, be1, training=True, eps=_BN_EPS), _SLOPE)
+        h = F.leaky_relu(F.batch_norm(h @ W2 + b2, None, None, g2, be2, training=True, eps=_BN_EPS), _SLOPE)
+        mu, s = (h @ W3 + b3).chunk(2, dim=-1)
+        z = mu + (torch.exp(0.5 * s) if textbook else torch.exp(s)) * eps
+        out = F.leaky_relu(F.leaky_relu(z @ V1 + c1, _SLOPE) @ V2 + c2, _SLOPE) @ V3 + c3
+        kl = (-0.5 * (1 + s - mu.pow(2) - s.exp())) if textbook else 0.5 * (s.exp() + mu.pow(2) - 1 - s)
+        nll = 0.5 * (out - x).pow(2).sum() + _HALF_LOG_2PI * x.numel()
+        return float((nll + kl.sum()) / x.shape[0])
+
