@@ -29,7 +29,10 @@ TRAIN_DEVICES = ("auto", "cpu", "cuda")
 SAVED_FLAGS = {"dataset": "dataset", "data_dir": "data_dir", "preset": "preset", "model": "model",
                "pretrained": "pretrained", "method": "method", "tasks": "tasks", "seed": "seed", "device": "device",
                "val_split": "val_split", "generator": "generator.kind", "epochs": "align.epochs",
-               "lr": "align.lr", "passes": "generator.passes"}
+               "lr": "align.lr", "passes": "generator.passes", "vae_objective": "generator.vae_objective",
+               "mog_estep": "generator.mog_estep"}
+VAE_OBJECTIVES = ("reference", "textbook")  # cgil.generators.vae.VAE_OBJECTIVES, checked before torch loads
+MOG_ESTEPS = ("exact", "reference")
 
 
 def _close(word: str, choices, what: str) -> None:
@@ -90,6 +93,8 @@ def train(
     seed: int = typer.Option(1992, help="Class order and learner seed"),
     epochs: Optional[int] = typer.Option(None, help="Alignment epochs. Default: 20 for digits and folder:PATH; the paper's 60-150 for its datasets; 60 otherwise"),
     lr: Optional[float] = typer.Option(None, help="Alignment learning rate. Default: 0.03; the paper's per dataset"),
+    vae_objective: Optional[str] = typer.Option(None, help="VAE reparameterisation and KL: reference (default: the reference code's, z = mu + exp(s) eps) | textbook (std = exp(logvar / 2))"),
+    mog_estep: Optional[str] = typer.Option(None, help="MoG responsibilities: exact (default: Gaussian densities) | reference (the reference code's weighting)"),
     passes: Optional[int] = typer.Option(None, help="Generator passes over each class's features. Default: 50 for folder:PATH, 100 for digits, 500 (750 isic) for the paper's datasets and otherwise"),
     val_split: Optional[float] = typer.Option(None, help="folder:PATH without test/: hold out this share of each class of train/ (seeded, stratified)"),
     strict: bool = typer.Option(False, help="Abort on an unreadable image instead of skipping it with a warning"),
@@ -122,6 +127,10 @@ def train(
         values["method"] = "all" if len(saved_methods) > 1 else saved_methods[0]
     _close(values["method"], TRAIN_METHODS, "method")
     _close(str(values["device"]).split(":")[0], TRAIN_DEVICES, "device")
+    if values["vae_objective"] is not None:
+        _close(values["vae_objective"], VAE_OBJECTIVES, "VAE objective")
+    if values["mog_estep"] is not None:
+        _close(values["mog_estep"], MOG_ESTEPS, "MoG E-step")
     from cgil.data import check_dataset_name  # torch-free: a wrong name fails before torch loads
 
     check_dataset_name(values["dataset"])
@@ -154,6 +163,9 @@ def train(
                                               model=values["model"], pretrained=values["pretrained"], method=m,
                                               generator=values["generator"], tasks=values["tasks"],
                                               seed=values["seed"], device=device, **overrides)
+                for flag in ("vae_objective", "mog_estep"):
+                    if values[flag] is not None:
+                        _assign(cfg, SAVED_FLAGS[flag], values[flag])
             metrics = run(cfg, out / m if len(methods) > 1 else out, resume=resume, reporter=reporter, strict=strict)
             results[m] = metrics
             if len(methods) == 1 and main:

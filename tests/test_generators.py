@@ -108,6 +108,12 @@ def test_unknown_vae_objective_is_refused():
         make_generators(GeneratorConfig(kind="vae", vae_objective="exp"), [0], D)
 
 
+def test_unknown_mog_estep_is_refused():
+    """It used to fall back to the exact E-step silently."""
+    with pytest.raises(CgilError, match="unknown MoG E-step 'em'"):
+        make_generators(GeneratorConfig(kind="mog", mog_estep="em"), [0], D)
+
+
 @pytest.mark.parametrize("path", ["cpu step", "batched autograd (GPU)"])
 def test_batched_vae_equals_vae_trained_alone(path):
     from cgil.generators.base import TrainedGenerators

@@ -93,6 +93,8 @@ def test_zeroshot_and_joint_baselines_run(tmp_path):
     (["--method", "ewc"], "unknown method 'ewc'; choose one of: cgil, zeroshot, joint, sequential, all"),
     (["--pretrained", "no-such-tag"], "neither a checkpoint file nor a known tag"),
     (["--resume"], "--resume needs --out"),
+    (["--vae-objective", "textbok"], "unknown VAE objective 'textbok' (did you mean 'textbook'?); choose one of: reference, textbook"),
+    (["--mog-estep", "em"], "unknown MoG E-step 'em'; choose one of: exact, reference"),
 ])
 def test_cli_bad_input_is_a_one_line_error(args, needle, tmp_path):
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--quiet", *args]
@@ -112,3 +114,19 @@ def test_cli_eval_and_info(tiny_run):
     assert evaluated.exit_code == 0, evaluated.output
     final = load_metrics(tiny_run)["final_avg_acc"]
     assert f"{final:.2f}" in evaluated.output  # re-evaluation reproduces the saved final accuracy
+
+
+def test_cli_generator_options_reach_the_saved_config(tmp_path):
+    import json
+
+    import cli
+    from cgil.generators.mog import MOG_ESTEPS
+    from cgil.generators.vae import VAE_OBJECTIVES
+
+    assert cli.VAE_OBJECTIVES == VAE_OBJECTIVES and cli.MOG_ESTEPS == MOG_ESTEPS  # the early check stays in step
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--quiet", "--generator", "mog", "--tasks", "2",
+                                      "--epochs", "1", "--mog-estep", "reference", "--vae-objective", "textbook"])
+    assert result.exit_code == 0, result.output
+    generator = json.loads((out / "config.json").read_text())["settings"]["generator"]
+    assert (generator["mog_estep"], generator["vae_objective"]) == ("reference", "textbook")

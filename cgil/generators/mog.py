@@ -6,11 +6,13 @@ from typing import Sequence
 
 import torch
 
+from runtime.errors import CgilError
 from .base import ClassGenerators, Progress
 from .layers import class_generators, pad_features
 
 _KMEANS_STEPS = 30
 _REG_VAR = 1e-6  # added to every variance, as scikit-learn's reg_covar
+MOG_ESTEPS = ("exact", "reference")
 
 
 def _log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, estep: str = "exact") -> torch.Tensor:
@@ -35,6 +37,11 @@ def _log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, estep: str
 class MoGGenerators(ClassGenerators):
     kind = "mog"
     min_samples = 2  # fewer points than components: the class uses one component per point
+
+    def __init__(self, class_ids: Sequence[int], dim: int, cfg):
+        if cfg.mog_estep not in MOG_ESTEPS:
+            raise CgilError(f"unknown MoG E-step {cfg.mog_estep!r}; choose one of: {', '.join(MOG_ESTEPS)}")
+        super().__init__(class_ids, dim, cfg)
 
     def build_empty(self) -> None:
         k, m, d = self.num_classes, self.cfg.components, self.dim
