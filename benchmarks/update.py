@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     vs_reference: dict = {}
     ref_passes = args.reference_passes if args.reference_passes is not None else (1 if quick else 20)
     if ref_passes and "vae" in args.generators:
-        from benchmarks.fidelity import fit_speed_vs_reference
+        from benchmarks.update_fit import fit_speed_vs_reference
 
         vs_reference = fit_speed_vs_reference(passes=ref_passes, repeats=args.repeats or (1 if quick else 2))
         log(f"  VAE fit vs reference-style loop (digits task: D=64, 2 classes x 124): CPU "

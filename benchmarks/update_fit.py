@@ -1,7 +1,8 @@
-"""Generator fitting for `cgil bench update`: one task's classes batched against one at a time, and a profile.
+"""Generator fitting for `cgil bench update`: one task's classes batched against one at a time, a profile,
+and cgil's VAE fit against a loop in the reference code's style (CPU time, same process).
 
-Split from benchmarks/update.py (which runs it): the synthetic features, the fit helpers and the
-measurement of measurement 1 described there.
+Split from benchmarks/update.py (which runs them): the synthetic features, the fit helpers and the
+measurements described there.
 """
 from __future__ import annotations
 
@@ -161,3 +162,96 @@ def profile_fit(kind: str, dim: int, classes: int, n: int, passes: int, seed: in
         "ops": [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000.0, "share": e.self_cpu_time_total / op_total,
                  "calls": e.count} for e in events[:top]],
     }
+
+
+# ---------------------------------------------------------------- speed: cgil's fit vs a reference-style loop
+
+def reference_style_vae_fit(x: torch.Tensor, passes: int, lr: float = 2e-4, hidden: int = 512, latent: int = 256,
+                            batch: int = 64) -> None:
+    """One class's VAE fitted the way the reference code does it (our own code, the reference's structure):
+    nn.Sequential encoder/decoder, torch.optim.Adam, a shuffled DataLoader of batches of 64 (last one partial,
+    batches of one skipped), CosineAnnealingWarmRestarts stepped once per pass. For timing only."""
+    from torch import nn
+
+    d = x.shape[1]
+    enc = nn.Sequential(nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2, inplace=True),
+                        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2, inplace=True),
+                        nn.Linear(hidden, 2 * latent))
+    dec = nn.Sequential(nn.Linear(latent, hidden), nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden, hidden),
+                        nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden, d))
+    lo, hi = x.min(0).values, x.max(0).values
+    u = (x - lo) / (hi - lo)
+    u = (u - u.mean(0)) / u.std(0)
+    params = list(enc.parameters()) + list(dec.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, passes // 10), T_mult=2)
+    loader = torch.utils.data.DataLoader(u, batch_size=batch, shuffle=True)
+    for _ in range(passes):
+        for xb in loader:
+            if len(xb) == 1:
+                continue
+            opt.zero_grad()
+            mu, s = enc(xb).chunk(2, dim=-1)
+            out = dec(mu + torch.randn_like(mu) * torch.exp(s))
+            nll = torch.nn.functional.gaussian_nll_loss(out, xb, torch.ones_like(out), full=True, reduction="sum")
+            loss = (nll + 0.5 * torch.sum(torch.exp(s) + mu ** 2 - 1.0 - s)) / len(xb)
+            loss.backward()
+            opt.step()
+        sched.step()
+
+
+def gemm_rate(m: int = 64, k: int = 512, n: int = 512, seconds: float = 0.5) -> float:
+    """This process's one-thread fp32 GEMM rate (GFLOP/s, CPU time) at the VAE's largest layer shape."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(20):
+        a @ b
+    count, start = 0, time.process_time()
+    while time.process_time() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * m * k * n * count / (time.process_time() - start) / 1e9
+
+
+def vae_flops_per_iteration(d: int, hidden: int = 512, latent: int = 256, batch: int = 64) -> float:
+    """Multiply-add FLOPs of one VAE training step of one class: forward 2*B*sum(in*out), backward twice
+    that, less the input gradient of the first layer (the data need none)."""
+    shapes = [(d, hidden), (hidden, hidden), (hidden, 2 * latent), (latent, hidden), (hidden, hidden), (hidden, d)]
+    fwd = 2 * batch * sum(i * o for i, o in shapes)
+    return 3 * fwd - 2 * batch * d * hidden
+
+
+def fit_speed_vs_reference(dim: int = 64, classes: int = 2, n: int = 124, passes: int = 20, repeats: int = 2,
+                           seed: int = 0) -> dict[str, Any]:
+    """One task's VAE fits, CPU time: cgil's fit (the hand-written CPU step), cgil's batched autograd loop and
+    the reference-style loop over classes, interleaved in this process, at the same settings (n features per
+    class, batches of 64, `passes` passes)."""
+    from cgil.generators import GeneratorConfig, make_generators
+
+    from cgil.generators.base import TrainedGenerators
+
+    feats = synthetic_features(classes, n, dim, seed)
+    cfg = GeneratorConfig(kind="vae", passes=passes)
+    ours, autograd, ref = [], [], []
+    make_generators(GeneratorConfig(kind="vae", passes=1), [0], dim).fit(feats[:1], seed=seed)  # warm-up
+    for _ in range(repeats):  # interleaved, so all three see the same load
+        torch.manual_seed(seed)
+        start = time.process_time()
+        make_generators(cfg, list(range(classes)), dim).fit(feats, seed=seed)
+        ours.append(time.process_time() - start)
+        start = time.process_time()  # the batched autograd loop (what GPUs run), on this CPU
+        TrainedGenerators.fit(make_generators(cfg, list(range(classes)), dim), feats, seed=seed)
+        autograd.append(time.process_time() - start)
+        start = time.process_time()
+        for f in feats:
+            reference_style_vae_fit(f, passes)
+        ref.append(time.process_time() - start)
+    peak = gemm_rate()
+    iters = passes * -(-n // 64)
+    flops = vae_flops_per_iteration(dim) * iters * classes
+    return {"D": dim, "classes": classes, "n_per_class": n, "passes": passes, "iterations_per_class": iters,
+            "cgil_cpu_s": min(ours), "cgil_autograd_cpu_s": min(autograd), "reference_style_cpu_s": min(ref),
+            "speedup_cpu_x": min(ref) / min(ours), "autograd_speedup_cpu_x": min(ref) / min(autograd),
+            "gemm_peak_gflops": peak, "cgil_gflops": flops / min(ours) / 1e9,
+            "cgil_pct_of_gemm_peak": 100 * flops / min(ours) / 1e9 / peak,
+            "reference_style_pct_of_gemm_peak": 100 * flops / min(ref) / 1e9 / peak}
+

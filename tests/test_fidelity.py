@@ -43,3 +43,18 @@ def test_fidelity_refuses_a_missing_reference(tmp_path):
 
     with pytest.raises(CgilError, match="reference fixture not found"):
         fidelity.main(["--quick", "--reference", str(tmp_path / "nope.json"), "--out-dir", str(tmp_path)])
+
+
+def test_replay_rows_are_compared_with_the_reference_codes_mean_over_seeds():
+    from benchmarks.fidelity import against_reference_code
+
+    rows = [{"class": 0, "variance_ratio": 0.40, "frechet": 0.13}, {"class": 1, "variance_ratio": 0.30, "frechet": 0.30}]
+    ref_code = [{"kind": "vae", "class": 0, "seed": s, "variance_ratio": r, "frechet": f}
+                for s, r, f in [(0, 0.30, 0.10), (1, 0.50, 0.14)]]
+    ref_code += [{"kind": "vae", "class": 1, "seed": 0, "variance_ratio": 0.45, "frechet": 0.20},
+                 {"kind": "mog", "class": 1, "seed": 0, "variance_ratio": 0.30, "frechet": 0.30}]
+    against_reference_code(rows, ref_code)
+    assert rows[0]["ref_code_variance_ratio"] == pytest.approx(0.40) and rows[0]["ratio_ok_vs_ref_code"]
+    assert rows[0]["fd_vs_ref_code"] == pytest.approx(0.13 / 0.12) and rows[0]["fd_ok_vs_ref_code"]
+    assert rows[1]["ratio_vs_ref_code"] == pytest.approx(0.30 / 0.45) and not rows[1]["ratio_ok_vs_ref_code"]
+    assert rows[1]["fd_vs_ref_code"] == pytest.approx(1.5) and not rows[1]["fd_ok_vs_ref_code"]
