@@ -149,7 +149,7 @@ class TrainedGenerators(ClassGenerators):
         iters = max(per_class_iters)
         idx = batch_indices(class_generators(seed, self.class_ids, stream=1), sizes, iters, self.cfg.batch_size)
         idx = idx.to(device)
-        lrs = lr_table(self.lr, per_class_iters, schedule=self.schedule)
+        lrs = lr_table(self.lr, per_class_iters, schedule=self.schedule).to(device)  # no host copy per step
         opt = BatchedAdam(list(nets.parameters()), weight_decay=self.weight_decay)
         last_loss = torch.zeros(self.num_classes)  # each class's loss at its own last step
         ends_at: dict[int, list[int]] = {}
