@@ -8,9 +8,10 @@ it, and the forward keeps exactly what the backward needs. Classes train one aft
 from its own RNG streams, so a class ends where the batched autograd path ends (equal up to float
 rounding, `tests/test_vae_cpu.py`) whatever the task's other classes are.
 
-Measured (docs/reference-differences.md, "Speed"): GEMMs are ~2/3 of this step's CPU time and run near
-the one-thread GEMM rate, Adam ~1/6. bfloat16 GEMM operands (AMX) were tried and dropped: the casts of
-weights and gradients each step ate the GEMM gain (4% faster end to end on this Xeon).
+Measured (torch.profiler, a digits task's fit on one core; docs/reference-differences.md, "Speed"): GEMMs
+take ~58% of this path's CPU time, at ~85% of the one-thread GEMM rate, and Adam ~16%. bfloat16 GEMM
+operands (AMX) were tried and dropped: casting weights and gradients every step ate most of the GEMM
+gain (0.372 vs 0.388 CPU-s for `cgil bench update`'s digits task), for rounding the reference does not do.
 
 Notation (one class, batch B): encoder a1 = x W1 + b1, y1 = BN(a1), h1 = lrelu(y1), a2 = h1 W2 + b2,
 y2 = BN(a2), h2 = lrelu(y2), [mu | s] = h2 W3 + b3, z = mu + sigma(s) eps; decoder d1 = z V1 + c1,
@@ -80,16 +81,15 @@ class FlatVAE:
     def step(self, x: torch.Tensor, eps: torch.Tensor, lr: float, textbook: bool = False,
              betas=(0.9, 0.999), adam_eps: float = 1e-8) -> None:
         """Gradients of the mean loss on batch x (B, D) with latent noise eps (B, L), then one Adam step."""
-        self._gradients(x, eps, textbook)
+        self.gradients(x, eps, textbook)
         self.step_count.add_(1)
         torch._fused_adam_([self.params], [self.grads], [self.m], [self.v], [], [self.step_count], lr=lr,
                            beta1=betas[0], beta2=betas[1], weight_decay=0.0, eps=adam_eps, amsgrad=False,
                            maximize=False)
 
-    def _gradients(self, x: torch.Tensor, eps: torch.Tensor, textbook: bool) -> None:
+    def gradients(self, x: torch.Tensor, eps: torch.Tensor, textbook: bool) -> None:
         W1, W2, W3, V1, V2, V3 = self.w
         gW1, gW2, gW3, gV1, gV2, gV3 = self.gw
-        mm = torch.mm
         b1, b2, b3, c1, c2, c3, g1, be1, g2, be2 = self.vec
         gb1, gb2, gb3, gc1, gc2, gc3, gg1, gbe1, gg2, gbe2 = self.gvec
         bsz, lat = x.shape[0], self.latent
@@ -98,33 +98,33 @@ class FlatVAE:
         lrelu_back = torch.ops.aten.leaky_relu_backward
 
         # forward, keeping what the backward reads
-        a1 = mm(x, W1).add_(b1)
+        a1 = torch.mm(x, W1).add_(b1)
         y1, mean1, rstd1 = bn(a1, g1, be1, None, None, True, 0.0, _BN_EPS)
         h1 = F.leaky_relu(y1, _SLOPE)
-        a2 = mm(h1, W2).add_(b2)
+        a2 = torch.mm(h1, W2).add_(b2)
         y2, mean2, rstd2 = bn(a2, g2, be2, None, None, True, 0.0, _BN_EPS)
         h2 = F.leaky_relu(y2, _SLOPE)
-        a3 = mm(h2, W3).add_(b3)
+        a3 = torch.mm(h2, W3).add_(b3)
         mu, s = a3[:, :lat], a3[:, lat:]
         sigma = torch.exp(0.5 * s) if textbook else torch.exp(s)
         z = torch.addcmul(mu, sigma, eps)
-        d1 = mm(z, V1).add_(c1)
+        d1 = torch.mm(z, V1).add_(c1)
         e1 = F.leaky_relu(d1, _SLOPE)
-        d2 = mm(e1, V2).add_(c2)
+        d2 = torch.mm(e1, V2).add_(c2)
         e2 = F.leaky_relu(d2, _SLOPE)
-        x_hat = mm(e2, V3).add_(c3)
+        x_hat = torch.mm(e2, V3).add_(c3)
 
         # backward of mean(0.5 |x_hat - x|^2 + KL) over the batch
         g = (x_hat - x).div_(bsz)
         torch.mm(e2.t(), g, out=gV3)
         torch.sum(g, 0, out=gc3)
-        g = lrelu_back(mm(g, V3.t()), d2, _SLOPE, False)
+        g = lrelu_back(torch.mm(g, V3.t()), d2, _SLOPE, False)
         torch.mm(e1.t(), g, out=gV2)
         torch.sum(g, 0, out=gc2)
-        g = lrelu_back(mm(g, V2.t()), d1, _SLOPE, False)
+        g = lrelu_back(torch.mm(g, V2.t()), d1, _SLOPE, False)
         torch.mm(z.t(), g, out=gV1)
         torch.sum(g, 0, out=gc1)
-        g_z = mm(g, V1.t())
+        g_z = torch.mm(g, V1.t())
         g_a3 = torch.empty(bsz, 2 * lat)
         torch.add(g_z, mu, alpha=1.0 / bsz, out=g_a3[:, :lat])  # d/dmu: decoder path + KL's mu / B
         dz_ds = sigma.mul_(eps).mul_(0.5) if textbook else sigma.mul_(eps)
@@ -132,13 +132,13 @@ class FlatVAE:
         torch.addcmul(kl_ds, g_z, dz_ds, out=g_a3[:, lat:])
         torch.mm(h2.t(), g_a3, out=gW3)
         torch.sum(g_a3, 0, out=gb3)
-        g = lrelu_back(mm(g_a3, W3.t()), y2, _SLOPE, False)
+        g = lrelu_back(torch.mm(g_a3, W3.t()), y2, _SLOPE, False)
         g, g_gamma, g_beta = bn_back(g, a2, g2, None, None, mean2, rstd2, True, _BN_EPS, [True, True, True])
         gg2.copy_(g_gamma)
         gbe2.copy_(g_beta)
         torch.mm(h1.t(), g, out=gW2)
         torch.sum(g, 0, out=gb2)
-        g = lrelu_back(mm(g, W2.t()), y1, _SLOPE, False)
+        g = lrelu_back(torch.mm(g, W2.t()), y1, _SLOPE, False)
         g, g_gamma, g_beta = bn_back(g, a1, g1, None, None, mean1, rstd1, True, _BN_EPS, [True, True, True])
         gg1.copy_(g_gamma)
         gbe1.copy_(g_beta)
