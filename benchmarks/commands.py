@@ -18,6 +18,7 @@ BENCHMARKS = {
     "update": "cost of one task update as seen classes grow (generators, alignment, text path)",
     "accuracy": "CGIL per generator vs zero-shot, joint and sequential; heatmaps and curves",
     "store": "replay-store bytes per class (fp32/fp16/int8) vs raw features/images, with accuracy",
+    "alignment": "alignment epoch cost and accuracy as seen classes grow: all-class softmax vs sampled negatives",
     "fidelity": "cgil vs the reference implementation on identical inputs: replay variance/FD per class, accuracy",
     "serve": "HTTP serving latency before/during hot swaps, on-device update phases, store bytes, fp16 store effect",
     "gpu": "every GPU path this machine has, checked and timed (torch CUDA, CUDA update, demo, torchrun, TensorRT)",

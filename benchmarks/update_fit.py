@@ -145,10 +145,12 @@ def profile_fit(kind: str, dim: int, classes: int, n: int, passes: int, seed: in
     def cum(pred) -> float:
         return sum(v[3] for k, v in stats.items() if pred(k))
 
-    phases = {
-        "optimizer step": cum(lambda k: k[2] == "step" and ("generators" in k[0] or "optim" in k[0])),
+    phases = {  # the CPU VAE runs the hand-written step; the other families (and GPUs) the autograd loop
+        "forward + backward, hand-written": cum(lambda k: k[2] == "gradients" and k[0].endswith("vae_cpu.py")),
+        "optimizer step": cum(lambda k: "_fused_adam" in k[2] or (
+            k[2] == "step" and "optim" in k[0]) or (k[2] == "step" and k[0].endswith("layers.py"))),
         "backward (autograd)": cum(lambda k: k[2] == "backward" and k[0].endswith("_tensor.py")),
-        "forward layers": cum(lambda k: k[2] == "forward" and "generators" in k[0]),
+        "forward layers (autograd)": cum(lambda k: k[2] == "forward" and "generators" in k[0]),
     }
     phases["other (init, sampling noise, indices, loss)"] = max(0.0, total - sum(phases.values()))
     with profile(activities=[ProfilerActivity.CPU]) as tprof:

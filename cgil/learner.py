@@ -35,6 +35,10 @@ class AlignConfig:
     batch_size: int = 128
     samples_per_class: int = 256  # S: fresh synthetic samples per class per epoch
     weight_decay: float = 0.0
+    # None (the reference): every step's softmax runs over the keys of all C seen classes, so an epoch of
+    # ~2C steps costs O(C^2) text passes. M: over the batch's own classes plus M other classes drawn
+    # at random each step (sampled softmax), O(C * (B + M)) per epoch. docs/design.md measures both.
+    negatives: Optional[int] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,12 +132,21 @@ class Learner:
         for epoch in range(cfg.epochs):
             feats, ids = source(rng)
             feats = normalize(feats.to(self.device).float())
-            cols = self.columns(ids).to(self.device)
-            order = torch.randperm(len(cols), generator=rng).to(self.device)
+            cols_host = self.columns(ids)
+            cols = cols_host.to(self.device)
+            order_host = torch.randperm(len(cols), generator=rng)
+            order = order_host.to(self.device)
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
-                logits = scale * feats[idx] @ self.prompts.keys().t()
-                loss = F.cross_entropy(logits, cols[idx])
+                rows = None
+                if cfg.negatives is not None:
+                    rows, target = self.sampled_classes(cols_host[order_host[start:start + cfg.batch_size]], rng)
+                if rows is not None and len(rows) < self.prompts.num_classes:
+                    logits = scale * feats[idx] @ self.prompts.keys(rows).t()
+                    loss = F.cross_entropy(logits, target.to(self.device))
+                else:  # the reference: a softmax over every seen class
+                    logits = scale * feats[idx] @ self.prompts.keys().t()
+                    loss = F.cross_entropy(logits, cols[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -141,6 +154,16 @@ class Learner:
                 progress(epoch + 1, cfg.epochs)
         self.prompts.eval()
         return {"final_loss": float(loss.detach())}
+
+    def sampled_classes(self, batch_cols: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head columns whose keys this step computes, the batch's targets among them): the batch's own
+        classes, then `negatives` others drawn without replacement. Host tensors: no device sync."""
+        present = torch.unique(batch_cols)  # sorted
+        others = torch.ones(self.prompts.num_classes, dtype=torch.bool)
+        others[present] = False
+        pool = others.nonzero().squeeze(1)
+        negatives = pool[torch.randperm(len(pool), generator=rng)[: self.align_cfg.negatives]]
+        return torch.cat([present, negatives]), torch.searchsorted(present, batch_cols)
 
     @torch.no_grad()
     def head(self) -> torch.Tensor:

@@ -91,11 +91,17 @@ class PromptLearner(nn.Module):
     def keys(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """L2-normalised keys (C, D) of the selected classes (all seen classes by default)."""
         rows = slice(None) if rows is None else rows
+        if isinstance(rows, slice):
+            longest = max(self.eot_on_host[rows], default=0)
+        elif rows.device.type == "cpu":  # host row indices: the longest EOT is known without a device sync
+            longest = max((self.eot_on_host[i] for i in rows.tolist()), default=0)
+            rows = rows.to(self.tokens.device)
+        else:
+            longest = None
         tokens = self.tokens[rows]
         embeds = self.text.embed_tokens(tokens)
         g = self.generator(self.zero_shot[rows]).unsqueeze(1).to(embeds.dtype)
         embeds = torch.cat([embeds[:, :1], self.ctx[rows].to(embeds.dtype), g, embeds[:, 2 + self.n_ctx:]], dim=1)
-        longest = max(self.eot_on_host[rows], default=0) if isinstance(rows, slice) else None
         return normalize(self.text(embeds, self.text.eot_positions(tokens), longest))
 
     def trainable_parameters(self) -> list[nn.Parameter]:

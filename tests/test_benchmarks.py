@@ -97,3 +97,13 @@ def test_accuracy_runs_on_a_folder_dataset(tmp_path):
                    "--baselines", "joint", "--out-dir", str(out)])
     doc = _load(out, "accuracy-data-cgil-tiny")
     assert doc["meta"]["settings"]["dataset"].startswith("folder:") and len(doc["rows"]) == 2
+
+
+def test_alignment_runs_tiny(tmp_path):
+    from benchmarks import alignment
+
+    alignment.main(["--quick", "--out-dir", str(tmp_path)])
+    doc = _load(tmp_path, "alignment-quick")
+    assert [(r["classes"], r["variant"].split(",")[0]) for r in doc["rows"]] == [
+        (10, "all classes (reference)"), (10, "sampled"), (40, "all classes (reference)"), (40, "sampled")]
+    assert all(r["epoch_cpu_s"] > 0 and 0 <= r["accuracy"] <= 100 for r in doc["rows"])

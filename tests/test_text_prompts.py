@@ -111,3 +111,35 @@ def test_a_context_generator_of_other_widths_is_refused_clearly(clip):
     state["generator.6.weight"] = torch.zeros(64, 32)  # the third block as an older layout would save it
     with pytest.raises(CgilError, match="context generator does not fit"):
         learner.load_learned_state(state, list(range(len(NAMES))), NAMES)
+
+
+def test_keys_of_host_rows_equal_the_rows_of_all_keys(clip):
+    learner = prompts_for(clip, True)
+    rows = torch.tensor([3, 0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(learner.keys(rows), learner.keys()[rows], atol=1e-6, rtol=0)
+
+
+def test_sampled_negatives_hold_the_batch_classes_and_distinct_others(clip):
+    learner = Learner(clip, GeneratorConfig(kind="gauss"), AlignConfig(negatives=3))
+    learner.add_classes(list(range(10)), [f"class {i}" for i in range(10)], seed=0)
+    batch_cols = torch.tensor([7, 2, 7, 9, 2])
+    rows, target = learner.sampled_classes(batch_cols, torch.Generator().manual_seed(0))
+    assert torch.equal(rows[target], batch_cols)  # each sample's target row is its own class
+    assert len(rows) == 3 + 3 and len(set(rows.tolist())) == 6  # present classes, then 3 distinct others
+    assert not set(rows[3:].tolist()) & {2, 7, 9}
+
+
+def test_alignment_with_sampled_negatives_separates_many_classes(clip):
+    """Sampled softmax (AlignConfig.negatives): each step sees its batch's classes and 2 others out of 12,
+    yet the keys learned classify all 12 well-separated clusters."""
+    g = torch.Generator().manual_seed(0)
+    d, c = clip.identity.embed_dim, 12
+    centers = 3 * torch.randn(c, d, generator=g)
+    labels = torch.arange(c).repeat_interleave(16)
+    feats = centers[labels] + 0.3 * torch.randn(len(labels), d, generator=g)
+    learner = Learner(clip, GeneratorConfig(kind="gauss"), AlignConfig(epochs=8, lr=0.05, batch_size=4, negatives=2))
+    learner.add_classes(list(range(c)), [f"class {i}" for i in range(c)], seed=0)
+    learner.align(Learner.real_source(feats, labels), seed=0)
+    pred = (torch.nn.functional.normalize(feats, dim=-1) @ learner.head().t()).argmax(1)
+    assert (pred == labels).float().mean() > 0.9
