@@ -23,6 +23,7 @@ class GeneratorConfig:
     latent_dim: int = 256  # VAE
     hidden_dim: int = 512  # VAE
     vae_objective: str = "reference"  # VAE: "reference" (z = mu + exp(s) eps, the reference's KL) or "textbook"
+    vae_cpu_step: bool = True  # VAE on a CPU: the hand-written step (vae_cpu.py); False: the batched autograd loop
     components: int = 5  # MoG
     em_steps: int = 500  # MoG
     em_tol: float = 1e-3  # MoG: stop when the mean log-likelihood gains less than this

@@ -94,7 +94,7 @@ class VAEGenerators(TrainedGenerators):
     def fit(self, feats: Sequence[torch.Tensor], seed: int, progress=None) -> dict:
         """On a CPU: the hand-written step of vae_cpu.py, one class after another (same streams, same
         result up to float rounding, ~1.2-1.5x less CPU time); elsewhere the shared batched autograd loop."""
-        if feats[0].device.type != "cpu":
+        if feats[0].device.type != "cpu" or not self.cfg.vae_cpu_step:
             return super().fit(feats, seed, progress)
         return self._fit_cpu(feats, seed, progress)
 
