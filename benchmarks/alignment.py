@@ -100,12 +100,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                       "accuracy: nearest key (cosine) on held-out features of all C classes after the epochs",
                       "the sampled variant falls back to all classes on a step whose batch classes + M cover C"]}
     name = "alignment" + ("-quick" if args.quick else "")
-    path = write_results(name, rows, meta, out_dir=args.out_dir)
-    text = (f"# alignment cost vs seen classes: all-class softmax vs sampled negatives\n\nCommand: "
-            f"`{meta['command']}`\n\n" + markdown_table(rows) + "\n" + "\n".join(f"- {n}" for n in meta["notes"]) + "\n")
+    path = write_results(name, rows, meta, out_dir=args.out_dir, columns=COLUMNS)
+    text = render(rows, meta)
     path.with_suffix(".md").write_text(f"Machine: {machine()}\n\n" + text)
     print(text)
     return {"json": str(path), "rows": rows}
+
+
+COLUMNS = ["classes", "variant", "steps_per_epoch", "epoch_cpu_s", "epoch_speedup_x", "accuracy",
+           "accuracy_diff_points"]
+
+
+def render(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    return (f"# alignment cost vs seen classes: all-class softmax vs sampled negatives\n\nCommand: "
+            f"`{meta['command']}`\n\n" + markdown_table(rows, COLUMNS) + "\n"
+            + "\n".join(f"- {n}" for n in meta["notes"]) + "\n")
 
 
 if __name__ == "__main__":
