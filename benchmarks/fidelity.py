@@ -49,8 +49,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--reference-code", type=Path, default=None,
                    help="a checkout of aimagelab/mammoth: also fit its own generators on the same features")
     p.add_argument("--reference-kinds", nargs="+", default=["vae"], help="with --reference-code: vae mog gauss diffusion")
-    p.add_argument("--autograd-fit", action="store_true",
-                   help="fit cgil's VAEs with the batched autograd loop instead of the hand-written CPU step")
+    p.add_argument("--cpu-step", action="store_true",
+                   help="fit cgil's VAEs with the hand-written CPU step (vae_cpu_step) instead of the batched autograd loop")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run, not a measurement")
     add_threads_option(p)
     p.add_argument("--out-dir", type=Path, default=None)
@@ -65,7 +65,7 @@ def load_reference(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def train_config(ref: dict[str, Any], order: int, gen_seed: Optional[int], quick: bool, cpu_step: bool = True):
+def train_config(ref: dict[str, Any], order: int, gen_seed: Optional[int], quick: bool, cpu_step: bool = False):
     from cgil.config import TrainConfig
 
     inp, st = ref["inputs"], ref["settings"]
@@ -100,7 +100,7 @@ def class_features(ref: dict[str, Any], runs_dir: Path):
 
 
 def replay_rows(ref: dict[str, Any], feats: dict[int, torch.Tensor], objective: str, seeds: Sequence[int],
-                quick: bool, cpu_step: bool = True):
+                quick: bool, cpu_step: bool = False):
     """Per class: replay quality for each generator seed, its mean and range, against the reference's."""
     from cgil.generators import make_generators
     from cgil.metrics import REPLAY_SAMPLES, replay_quality
@@ -151,7 +151,7 @@ def against_reference_code(replay: list[dict], ref_code: list[dict]) -> None:
 
 
 def end_to_end(ref: dict[str, Any], orders: Sequence[int], seeds: Sequence[int], runs_dir: Path, quick: bool,
-               cpu_step: bool = True):
+               cpu_step: bool = False):
     from cgil.progress import Reporter
     from cgil.train import run
 
@@ -221,14 +221,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             feats = class_features(ref, Path(tmp))
             for obj in args.objectives:
                 log(f"replay: fitting {len(feats)} VAEs ({obj} objective)")
-                rows, cpu[obj] = replay_rows(ref, feats, obj, seeds, args.quick, cpu_step=not args.autograd_fit)
+                rows, cpu[obj] = replay_rows(ref, feats, obj, seeds, args.quick, cpu_step=args.cpu_step)
                 replay += rows
         ref_code = []
         if args.reference_code is not None:
             feats = feats if not args.skip_replay else class_features(ref, Path(tmp))
             ref_code = reference_code_replay(args.reference_code, feats, args.reference_kinds, seeds)
         e2e = [] if args.skip_end_to_end else end_to_end(ref, orders, seeds, Path(tmp), args.quick,
-                                                         cpu_step=not args.autograd_fit)
+                                                         cpu_step=args.cpu_step)
     against_reference_code(replay, ref_code)
     summ = summary(replay, e2e, ref, orders)
     for kind in sorted({r["kind"] for r in ref_code}):
@@ -248,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "-end-to-end" if args.skip_replay else "") + (
         "-orders-" + "-".join(map(str, orders)) if args.orders is not None else "") + (
         "-with-reference-code" if args.reference_code is not None else "") + (
-        "-autograd-fit" if args.autograd_fit else "")
+        "-cpu-step" if args.cpu_step else "")
     columns = ["objective", "class", "variance_ratio", "ratio_range", "ref_variance_ratio", "ratio_vs_ref",
                "frechet", "fd_range", "ref_frechet", "fd_vs_ref", "ratio_ok", "fd_ok"]
     if ref_code:

@@ -243,8 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             "sampling): not a measurement",
             "full 77-token path timed only up to full_text_max_classes seen classes (too slow beyond on this "
             "machine); empty cells are not measured",
-            "VAE fit vs reference-style loop: cgil_cpu_s is cgil's CPU fit (hand-written step, cgil/generators/"
-            "vae_cpu.py), cgil_autograd_cpu_s its batched autograd loop (what GPUs run); gemm_peak_gflops is this "
+            "VAE fit vs reference-style loop: cgil_cpu_s is cgil's default fit (the batched autograd loop, what "
+            "GPUs run too), cgil_cpu_step_cpu_s its hand-written CPU step (vae_cpu_step, cgil/generators/"
+            "vae_cpu.py); gemm_peak_gflops is this "
             "process's one-thread fp32 GEMM rate at 64x512x512, and gemm_only_ceiling_x = reference-style CPU time "
             "/ (the fit's GEMM FLOPs at that peak): the most any fp32 fit of this model could gain, with all other "
             "work (Adam, BatchNorm, activations, Python) at zero",

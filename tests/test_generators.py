@@ -121,7 +121,7 @@ def test_batched_vae_equals_vae_trained_alone(path):
     fit = (lambda g, f, seed: g.fit(f, seed=seed)) if path == "cpu step" else TrainedGenerators.fit
     feats, _, _ = gaussian_classes(n=150)
     feats[1] = feats[1][:97]  # unequal class sizes are part of the contract
-    cfg = GeneratorConfig(kind="vae", passes=5, hidden_dim=32, latent_dim=8)
+    cfg = GeneratorConfig(kind="vae", passes=5, hidden_dim=32, latent_dim=8, vae_cpu_step=path == "cpu step")
     batched = make_generators(cfg, [11, 12], D)
     fit(batched, feats, 7)
     for k, cid in enumerate([11, 12]):

@@ -92,8 +92,8 @@ class VAEGenerators(TrainedGenerators):
         return (nll + kl) / x.shape[1]
 
     def fit(self, feats: Sequence[torch.Tensor], seed: int, progress=None) -> dict:
-        """On a CPU: the hand-written step of vae_cpu.py, one class after another (same streams, same
-        result up to float rounding, ~1.2-1.5x less CPU time); elsewhere the shared batched autograd loop."""
+        """With `vae_cpu_step` on a CPU: the hand-written step of vae_cpu.py, one class after another (same
+        streams, same result up to float rounding, less CPU time); otherwise the shared batched autograd loop."""
         if feats[0].device.type != "cpu" or not self.cfg.vae_cpu_step:
             return super().fit(feats, seed, progress)
         return self._fit_cpu(feats, seed, progress)
