@@ -29,6 +29,17 @@ def test_update_runs_tiny(tmp_path):
     (align,) = doc["meta"]["align"]
     assert align["step_s_full77"] > 0 and align["max_abs_key_diff"] <= 1e-5
     assert {p["phase"] for p in doc["meta"]["profile_batched_vae_fit"]["phases"]} >= {"optimizer step"}
+    vs = doc["meta"]["vae_fit_vs_reference_style"]
+    assert vs["cgil_cpu_s"] > 0 and vs["cgil_cpu_step_cpu_s"] > 0 and vs["reference_style_cpu_s"] > 0
+    assert 0 < vs["gemm_and_adam_ceiling_x"] < vs["gemm_only_ceiling_x"]
+
+
+def test_the_speed_ceiling_counts_the_vae_parameters_the_fit_updates():
+    from benchmarks.update_fit import vae_parameter_count
+    from cgil.generators.vae_cpu import FlatVAE
+
+    for d, hidden, latent in [(64, 512, 256), (768, 512, 256), (16, 32, 8)]:
+        assert vae_parameter_count(d, hidden, latent) == FlatVAE(d, hidden, latent).params.numel()
 
 
 def test_store_runs_tiny(tmp_path):

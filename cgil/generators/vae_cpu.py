@@ -6,7 +6,9 @@ adds a graph per step, temporaries per op and a gradient buffer per parameter; h
 parameters, gradients and Adam moments each live in one flat buffer, Adam is one fused kernel over
 it, and the forward keeps exactly what the backward needs. Classes train one after another, each
 from its own RNG streams, so a class ends where the batched autograd path ends (equal up to float
-rounding, `tests/test_vae_cpu.py`) whatever the task's other classes are.
+rounding, `tests/test_vae_cpu.py`) whatever the task's other classes are. Opt-in
+(`GeneratorConfig.vae_cpu_step`): its generators match the default loop's to ~3e-4, but end to end it
+scored 1.1 points lower over 21 paired digits runs, a gap not explained yet (docs/reference-differences.md).
 
 Measured (torch.profiler, a digits task's fit on one core; docs/reference-differences.md, "Speed"): GEMMs
 take ~58% of this path's CPU time, at ~85% of the one-thread GEMM rate, and Adam ~16%. bfloat16 GEMM
