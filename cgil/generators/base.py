@@ -25,7 +25,7 @@ class GeneratorConfig:
     vae_objective: str = "reference"  # VAE: "reference" (z = mu + exp(s) eps, the reference's KL) or "textbook"
     # VAE on a CPU: True runs the hand-written step (vae_cpu.py, ~15% less CPU). Off by default: its generators
     # equal the batched autograd loop's to ~3e-4, yet end to end it scored 1.1 points lower over 21 paired
-    # runs (docs/reference-differences.md, row 6), for a reason not found yet.
+    # runs (docs/reference-differences.md, row 6); a neutral rounding change shares part of that, not settled.
     vae_cpu_step: bool = False
     components: int = 5  # MoG
     em_steps: int = 500  # MoG
