@@ -123,9 +123,10 @@ class VAEGenerators(TrainedGenerators):
                 if it % self.noise_chunk == 0:  # whole chunks from the class's own stream, as the batched loop
                     noise = self.draw_noise([gen], self.noise_chunk)[0][0]
                 xb, eps = x[k].index_select(0, idx[k, it]), noise[it % self.noise_chunk]
-                if it == per_class_iters[k] - 1:
-                    losses.append(flat.loss(xb, eps, textbook))
-                flat.step(xb, eps, rates[it], textbook)
+                last = it == per_class_iters[k] - 1
+                loss = flat.step(xb, eps, rates[it], textbook, want_loss=last)
+                if last:
+                    losses.append(loss)
                 done += 1
                 if progress:
                     progress(done, total)

@@ -24,7 +24,7 @@ or exp(s / 2) ("textbook"); both KL forms have d/ds = 0.5 (exp(s) - 1) and d/dmu
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,23 +80,26 @@ class FlatVAE:
 
     # ------------------------------------------------------------------ one step
 
-    def step(self, x: torch.Tensor, eps: torch.Tensor, lr: float, textbook: bool = False,
-             betas=(0.9, 0.999), adam_eps: float = 1e-8) -> None:
-        """Gradients of the mean loss on batch x (B, D) with latent noise eps (B, L), then one Adam step."""
-        self.gradients(x, eps, textbook)
+    def step(self, x: torch.Tensor, eps: torch.Tensor, lr: float, textbook: bool = False, want_loss: bool = False,
+             betas=(0.9, 0.999), adam_eps: float = 1e-8) -> Optional[float]:
+        """Gradients of the mean loss on batch x (B, D) with latent noise eps (B, L), then one Adam step.
+        Returns the loss before the step when `want_loss`."""
+        loss = self.gradients(x, eps, textbook, want_loss)
         self.step_count.add_(1)
         torch._fused_adam_([self.params], [self.grads], [self.m], [self.v], [], [self.step_count], lr=lr,
                            beta1=betas[0], beta2=betas[1], weight_decay=0.0, eps=adam_eps, amsgrad=False,
                            maximize=False)
+        return loss
 
-    def gradients(self, x: torch.Tensor, eps: torch.Tensor, textbook: bool) -> None:
+    def gradients(self, x: torch.Tensor, eps: torch.Tensor, textbook: bool, want_loss: bool = False) -> Optional[float]:
+        """Fill the gradient buffer for batch x (B, D) and latent noise eps (B, L); the batch's mean loss
+        (float32, constant included) when `want_loss`."""
         W1, W2, W3, V1, V2, V3 = self.w
         gW1, gW2, gW3, gV1, gV2, gV3 = self.gw
         b1, b2, b3, c1, c2, c3, g1, be1, g2, be2 = self.vec
         gb1, gb2, gb3, gc1, gc2, gc3, gg1, gbe1, gg2, gbe2 = self.gvec
         bsz, lat = x.shape[0], self.latent
         bn = torch.ops.aten.native_batch_norm
-        bn_back = torch.ops.aten.native_batch_norm_backward
         lrelu_back = torch.ops.aten.leaky_relu_backward
 
         # forward, keeping what the backward reads
@@ -116,48 +119,44 @@ class FlatVAE:
         e2 = F.leaky_relu(d2, _SLOPE)
         x_hat = torch.mm(e2, V3).add_(c3)
 
+        loss = None
+        if want_loss:  # the mean loss of this batch before the update, as autograd's loop reports it
+            kl = (torch.exp(s) + mu.pow(2) - 1 - s).mul_(0.5)  # both objectives' KL terms are this expression
+            loss = float(((x_hat - x).pow(2).sum() * 0.5 + _HALF_LOG_2PI * x.numel() + kl.sum()) / bsz)
+
         # backward of mean(0.5 |x_hat - x|^2 + KL) over the batch
         g = (x_hat - x).div_(bsz)
-        torch.mm(e2.t(), g, out=gV3)
-        torch.sum(g, 0, out=gc3)
+        _linear_back(e2, g, gV3, gc3)
         g = lrelu_back(torch.mm(g, V3.t()), d2, _SLOPE, False)
-        torch.mm(e1.t(), g, out=gV2)
-        torch.sum(g, 0, out=gc2)
+        _linear_back(e1, g, gV2, gc2)
         g = lrelu_back(torch.mm(g, V2.t()), d1, _SLOPE, False)
-        torch.mm(z.t(), g, out=gV1)
-        torch.sum(g, 0, out=gc1)
+        _linear_back(z, g, gV1, gc1)
         g_z = torch.mm(g, V1.t())
         g_a3 = torch.empty(bsz, 2 * lat)
         torch.add(g_z, mu, alpha=1.0 / bsz, out=g_a3[:, :lat])  # d/dmu: decoder path + KL's mu / B
         dz_ds = sigma.mul_(eps).mul_(0.5) if textbook else sigma.mul_(eps)
         kl_ds = torch.exp(s).sub_(1.0).mul_(0.5 / bsz)
         torch.addcmul(kl_ds, g_z, dz_ds, out=g_a3[:, lat:])
-        torch.mm(h2.t(), g_a3, out=gW3)
-        torch.sum(g_a3, 0, out=gb3)
+        _linear_back(h2, g_a3, gW3, gb3)
         g = lrelu_back(torch.mm(g_a3, W3.t()), y2, _SLOPE, False)
-        g, g_gamma, g_beta = bn_back(g, a2, g2, None, None, mean2, rstd2, True, _BN_EPS, [True, True, True])
-        gg2.copy_(g_gamma)
-        gbe2.copy_(g_beta)
-        torch.mm(h1.t(), g, out=gW2)
-        torch.sum(g, 0, out=gb2)
+        g = _norm_back(g, a2, g2, mean2, rstd2, gg2, gbe2)
+        _linear_back(h1, g, gW2, gb2)
         g = lrelu_back(torch.mm(g, W2.t()), y1, _SLOPE, False)
-        g, g_gamma, g_beta = bn_back(g, a1, g1, None, None, mean1, rstd1, True, _BN_EPS, [True, True, True])
-        gg1.copy_(g_gamma)
-        gbe1.copy_(g_beta)
-        torch.mm(x.t(), g, out=gW1)
-        torch.sum(g, 0, out=gb1)
+        g = _norm_back(g, a1, g1, mean1, rstd1, gg1, gbe1)
+        _linear_back(x, g, gW1, gb1)
+        return loss
 
-    @torch.no_grad()
-    def loss(self, x: torch.Tensor, eps: torch.Tensor, textbook: bool = False) -> float:
-        """The batch's mean loss with the current parameters (training-mode BatchNorm), float32."""
-        W1, W2, W3, V1, V2, V3 = self.w
-        b1, b2, b3, c1, c2, c3, g1, be1, g2, be2 = self.vec
-        h = F.leaky_relu(F.batch_norm(x @ W1 + b1, None, None, g1, be1, training=True, eps=_BN_EPS), _SLOPE)
-        h = F.leaky_relu(F.batch_norm(h @ W2 + b2, None, None, g2, be2, training=True, eps=_BN_EPS), _SLOPE)
-        mu, s = (h @ W3 + b3).chunk(2, dim=-1)
-        z = mu + (torch.exp(0.5 * s) if textbook else torch.exp(s)) * eps
-        out = F.leaky_relu(F.leaky_relu(z @ V1 + c1, _SLOPE) @ V2 + c2, _SLOPE) @ V3 + c3
-        kl = (-0.5 * (1 + s - mu.pow(2) - s.exp())) if textbook else 0.5 * (s.exp() + mu.pow(2) - 1 - s)
-        nll = 0.5 * (out - x).pow(2).sum() + _HALF_LOG_2PI * x.numel()
-        return float((nll + kl.sum()) / x.shape[0])
 
+def _linear_back(inputs: torch.Tensor, grad_out: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor) -> None:
+    """Weight and bias gradients of y = inputs @ W + b, written into the flat gradient buffer."""
+    torch.mm(inputs.t(), grad_out, out=grad_w)
+    torch.sum(grad_out, 0, out=grad_b)
+
+
+def _norm_back(grad_out, inputs, gamma, mean, rstd, grad_gamma, grad_beta) -> torch.Tensor:
+    """Training-mode BatchNorm backward: the input gradient; gamma's and beta's go to the flat buffer."""
+    grad_in, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
+        grad_out, inputs, gamma, None, None, mean, rstd, True, _BN_EPS, [True, True, True])
+    grad_gamma.copy_(g_gamma)
+    grad_beta.copy_(g_beta)
+    return grad_in
