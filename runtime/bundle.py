@@ -33,8 +33,7 @@ import numpy as np
 
 from .artifacts import verify_manifest, version_path
 from .errors import CgilError
-from .format import (BUNDLE_KIND, HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, MANIFEST, POINTER, PROMPTS_META,
-                     VERSION_RE)
+from .format import BUNDLE_KIND, HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, MANIFEST, POINTER, VERSION_RE
 from .identity import ModelIdentity
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -176,9 +175,8 @@ def _int(value: Any) -> bool:
 
 def check_head_meta(meta: dict[str, Any], directory: Path) -> int:
     """What head.json says must agree with the folder it is in: its head_version with the folder's head-NNNN,
-    one class id per class name (learned, future), and the learned classes of prompts.json first, in order.
-    A head.json copied from another version, or edited, would otherwise serve under the wrong version or
-    label images with names its keys were not made for. Returns the version."""
+    and one integer class id per class name (learned, future). A head.json copied from another version
+    would otherwise serve, and answer every request, under the wrong version. Returns the version."""
     where = directory / HEAD_META
     version = meta.get("head_version", 0)
     if not _int(version) or version < 0:
@@ -189,21 +187,12 @@ def check_head_meta(meta: dict[str, Any], directory: Path) -> int:
                         f"a head.json copied from another version or edited")
     for ids_key, names_key in (("class_ids", "class_names"), ("future_class_ids", "future_class_names")):
         ids, names = meta.get(ids_key, []), meta.get(names_key, [])
-        if ids_key == "future_class_ids" and not ids and not names:
+        if ids_key == "future_class_ids" and not ids:  # optional: future classes are served by name only
             continue
         if not isinstance(ids, list) or not all(_int(i) for i in ids) or not isinstance(names, list) \
                 or len(ids) != len(names):
             raise CgilError(f"{where}: {ids_key} must be one integer per name of {names_key} "
                             f"({len(names) if isinstance(names, list) else '?'} names)")
-    prompts = directory / PROMPTS_META
-    if prompts.is_file():
-        try:
-            learned = json.loads(prompts.read_text()).get("class_names")
-        except (OSError, ValueError, AttributeError) as e:
-            raise CgilError(f"{prompts} is corrupt: {e}") from None
-        if not isinstance(learned, list) or meta.get("class_names", [])[:len(learned)] != learned:
-            raise CgilError(f"{where}: class_names do not start with the learned classes of {prompts} "
-                            f"in the same order: the names and the keys of this folder disagree")
     return version
 
 

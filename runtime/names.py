@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 import regex
@@ -65,8 +66,11 @@ def _known_script(code: str) -> bool:
         return False
 
 
-# one alternation: the name of the group that matched a character is its script
-_SCRIPT_OF = regex.compile("|".join(rf"(?P<{c}>\p{{sc={c}}})" for c in _SCRIPT_CODES if _known_script(c)))
+@lru_cache(maxsize=1)
+def _script_of() -> regex.Pattern:
+    """One alternation: the name of the group that matched a character is its script. Built on first use
+    (about 0.1 s), not at import: every `cgil` command imports this module, few check a name."""
+    return regex.compile("|".join(rf"(?P<{c}>\p{{sc={c}}})" for c in _SCRIPT_CODES if _known_script(c)))
 
 
 def _refused(c: str) -> bool:
@@ -85,7 +89,7 @@ def _described(c: str) -> str:
 def word_scripts(word: str) -> list[str]:
     """The scripts (ISO 15924 codes) of a word's letters, in order of appearance; digits, punctuation and
     combining marks belong to none. Read after NFKC, so fullwidth and mathematical letters are Latin."""
-    return list(dict.fromkeys(m.lastgroup for m in _SCRIPT_OF.finditer(unicodedata.normalize("NFKC", word))))
+    return list(dict.fromkeys(m.lastgroup for m in _script_of().finditer(unicodedata.normalize("NFKC", word))))
 
 
 def _mixed_scripts(name: str) -> tuple[str, list[str]] | None:
