@@ -136,6 +136,7 @@ def verify_manifest(directory: str | os.PathLike, kind: Optional[str] = None,
         file = directory / name
         if not file.resolve().is_relative_to(directory.resolve()):
             raise CgilError(f"{path} lists {name!r}, which resolves outside {directory}")
+        check_manifest_entry(path, name, info)
         if not file.is_file():
             raise CgilError(f"{file} is listed in {path} but missing")
         size = file.stat().st_size
@@ -144,6 +145,19 @@ def verify_manifest(directory: str | os.PathLike, kind: Optional[str] = None,
         if sha256_file(file) != info["sha256"]:
             raise CgilError(f"{file} does not match its sha256 in {path} (corrupt or modified)")
     return manifest
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_manifest_entry(path: Path, name: str, info: Any) -> None:
+    """One entry of a manifest's `files`: {"sha256": 64 hex digits, "bytes": a size (optional)}."""
+    if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) or not _SHA256.match(info["sha256"]):
+        raise CgilError(f"{path} is corrupt: the entry of {name!r} is {json.dumps(info)[:80]}, not "
+                        f'{{"sha256": <64 hex digits>, "bytes": <size>}}')
+    size = info.get("bytes", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise CgilError(f"{path} is corrupt: the entry of {name!r} gives {json.dumps(size)[:40]} bytes, not a size")
 
 
 def publish_version(root: str | os.PathLike, name: str, write: Callable[[Path], None], kind: str,
@@ -168,8 +182,11 @@ def publish_version(root: str | os.PathLike, name: str, write: Callable[[Path], 
     previous = current_version(root)
     if previous is not None:
         version_path(root, previous, str(root / POINTER), pattern)
-    history = [n for n in read_history(root) if n != name and version_path(root, n, str(root / HISTORY), pattern).exists()]
-    if previous and previous != name and previous not in history:
+    history = [n for n in read_history(root) if n not in (name, previous)
+               and version_path(root, n, str(root / HISTORY), pattern).exists()]
+    # the version serving until now is the first rollback target and is never pruned, wherever the
+    # history put it (heads/CURRENT edited by hand may point at its oldest entry)
+    if previous and previous != name:
         history.append(previous)
     history.append(name)
     tmp = None
@@ -190,7 +207,7 @@ def publish_version(root: str | os.PathLike, name: str, write: Callable[[Path], 
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # a full disk, a read-only folder: one line, the bundle unchanged
-            raise CgilError(f"cannot write {e.filename or final}: {e.strerror or e}") from e
+            raise CgilError(f"cannot write {written_file(e, tmp, final)}: {e.strerror or e}") from e
         raise
     try:
         atomic_write_text(root / POINTER, name + "\n")  # the one switch readers see
@@ -212,6 +229,16 @@ def publish_version(root: str | os.PathLike, name: str, write: Callable[[Path], 
         for old in history[:-keep]:
             shutil.rmtree(root / old, ignore_errors=True)
     return final
+
+
+def written_file(e: OSError, tmp: Optional[Path], final: Path) -> Path:
+    """The file a failed write was writing, under the name it would have had once published. A copy that
+    fails (shutil.copyfile) reports its source as `filename` and its destination as `filename2`: the
+    source is a file of the live version being read, and naming it would send the operator to the wrong file."""
+    target = Path(e.filename2 or e.filename or final)
+    if tmp is not None and target.is_relative_to(tmp):
+        return final / target.relative_to(tmp)
+    return target
 
 
 def remove_stale_versions(root: str | os.PathLike, pattern: re.Pattern) -> list[str]:

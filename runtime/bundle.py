@@ -169,6 +169,33 @@ def check_head(keys: np.ndarray, names: Any, future: np.ndarray, future_names: A
                             f"(class {n[i]!r} has norm {norms[i]:.6g})")
 
 
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_head_meta(meta: dict[str, Any], directory: Path) -> int:
+    """What head.json says must agree with the folder it is in: its head_version with the folder's head-NNNN,
+    and one integer class id per class name (learned, future). A head.json copied from another version
+    would otherwise serve, and answer every request, under the wrong version. Returns the version."""
+    where = directory / HEAD_META
+    version = meta.get("head_version", 0)
+    if not _int(version) or version < 0:
+        raise CgilError(f"{where}: head_version {json.dumps(version)[:40]} is not a version number")
+    folder = VERSION_RE.match(directory.name)
+    if folder and int(folder.group(1)) != version:
+        raise CgilError(f"{where} says head_version {version}, but it is in the folder {directory.name}: "
+                        f"a head.json copied from another version or edited")
+    for ids_key, names_key in (("class_ids", "class_names"), ("future_class_ids", "future_class_names")):
+        ids, names = meta.get(ids_key, []), meta.get(names_key, [])
+        if ids_key == "future_class_ids" and not ids:  # optional: future classes are served by name only
+            continue
+        if not isinstance(ids, list) or not all(_int(i) for i in ids) or not isinstance(names, list) \
+                or len(ids) != len(names):
+            raise CgilError(f"{where}: {ids_key} must be one integer per name of {names_key} "
+                            f"({len(names) if isinstance(names, list) else '?'} names)")
+    return version
+
+
 def check_head_files(directory: Path) -> None:
     """check_head on the files of a head version being written (before it is published)."""
     from safetensors.numpy import load_file
@@ -181,6 +208,10 @@ def check_head_files(directory: Path) -> None:
     dim = keys.shape[1] if keys.ndim == 2 and keys.shape[0] else int(meta.get("model", {}).get("embed_dim", 0) or 0)
     check_head(keys, meta.get("class_names", []), future, meta.get("future_class_names", []), dim,
                f"new head version {meta.get('head_version', '?')} (refused, the bundle is unchanged)")
+    try:
+        check_head_meta(meta, directory)
+    except CgilError as e:
+        raise CgilError(f"new head version {meta.get('head_version', '?')} (refused, the bundle is unchanged): {e}") from None
 
 
 def checked_version(root: Path, name: str, where: str) -> Path:
@@ -243,6 +274,6 @@ def load_head(path: str | os.PathLike,
     future = np.asarray(tensors.get("future_keys", np.zeros((0, keys.shape[-1] if keys.ndim == 2 else 0), np.float32)),
                         dtype=np.float32)
     check_head(keys, names, future, future_names, identity.embed_dim, directory / HEAD_TENSORS)
+    version = check_head_meta(meta, directory)
     names, future_names = list(names), list(future_names)
-    return Head(keys, names, [int(c) for c in meta.get("class_ids", [])], int(meta.get("head_version", 0)),
-                identity, directory, future, future_names)
+    return Head(keys, names, list(meta.get("class_ids", [])), version, identity, directory, future, future_names)

@@ -23,7 +23,9 @@ STATE_KIND = "cgil-learner-state"
 # a bundle
 HEADS_DIR = "heads"
 VERSION_PREFIX = "head-"
-VERSION_RE = re.compile(r"^head-(\d{4,})$")
+MAX_VERSION_DIGITS = 9  # head-0001 .. head-999999999: a number read from disk never grows a name past this
+MAX_VERSION = 10 ** MAX_VERSION_DIGITS - 1
+VERSION_RE = re.compile(rf"^head-(\d{{4,{MAX_VERSION_DIGITS}}})$")
 IMAGE_ONNX = "image.onnx"
 TEXT_ZERO_SHOT_ONNX = "text_zero_shot.onnx"
 TEXT_PROMPTED_ONNX = "text_prompted.onnx"

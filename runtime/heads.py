@@ -27,9 +27,9 @@ from .artifacts import (atomic_write_json, atomic_write_text, publish_version, r
                         remove_stale_versions)
 from .bundle import check_head_files, checked_version, current_name, load_head, open_bundle
 from .errors import CgilError
-from .names import clean_names
-from .format import (HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, HISTORY, KEEP, LOCK, MANIFEST, NEWEST,
-                     POINTER, PROMPTS_META, VERSION_RE, version_name)
+from .names import clean_names, name_key
+from .format import (HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, HISTORY, KEEP, LOCK, MANIFEST, MAX_VERSION,
+                     MAX_VERSION_DIGITS, NEWEST, POINTER, PROMPTS_META, VERSION_RE, version_name)
 
 Report = Callable[[str], None]
 
@@ -71,16 +71,31 @@ def update_lock(root: Path) -> Iterator[None]:
 
 
 def newest_recorded(root: Path) -> int:
-    """The highest version number ever published here (heads/NEWEST), so that pruning never lets a number be reused."""
+    """The highest version number ever published here (heads/NEWEST), so that pruning never lets a number be
+    reused; 0 when there is no such file. Anything else in it is refused, naming the file: a silent 0 would
+    reuse numbers, and a huge number would give a version folder name the file system refuses."""
+    path = root / NEWEST
     try:
-        text = (root / NEWEST).read_bytes().decode("ascii").strip()
-        return int(text) if text.isdigit() else 0
-    except (OSError, UnicodeDecodeError):
+        with open(path, "rb") as f:
+            raw = f.read(64)  # a valid file holds at most MAX_VERSION_DIGITS digits and a newline
+    except FileNotFoundError:
         return 0
+    except OSError as e:
+        raise CgilError(f"cannot read {path}: {e.strerror or e}") from None
+    text = raw.strip()
+    if not (text.isdigit() and len(text) <= MAX_VERSION_DIGITS):
+        size = path.stat().st_size
+        raise CgilError(f"{path} is corrupt ({size} bytes): it must hold the highest head version number ever "
+                        f"published, 1 to {MAX_VERSION_DIGITS} digits; write that number into it (see heads/history.json "
+                        f"and the head-NNNN folders)")
+    return int(text)
 
 
 def next_version(root: Path, current: int) -> int:
-    return max([current, newest_recorded(root), *version_dirs(root)]) + 1
+    version = max([current, newest_recorded(root), *version_dirs(root)]) + 1
+    if version > MAX_VERSION:
+        raise CgilError(f"{root}: no head version number is left after {version - 1} (at most {MAX_VERSION})")
+    return version
 
 
 def prune(root: Path) -> list[str]:
@@ -172,17 +187,17 @@ def write_head_files(d: Path, keys: np.ndarray, future_keys: np.ndarray, meta: d
 
 def check_new_names(names: Sequence[str], head_names: Sequence[str], learned: Sequence[str],
                     allow_zero_shot: bool) -> list[str]:
-    """New class names under the name rule (runtime.names), cleaned; they must be new, ignoring case.
+    """New class names under the name rule (runtime.names), cleaned; they must be new (compared by name_key).
 
     With allow_zero_shot a zero-shot class of the head may be learned from images, under its exact name.
     """
     names = clean_names(names, learned if allow_zero_shot else head_names,
                         taken_as="learned already" if allow_zero_shot else "already in the head")
     if allow_zero_shot:
-        spelled = {n.casefold(): n for n in head_names}
-        near = [(n, spelled[n.casefold()]) for n in names if n.casefold() in spelled and spelled[n.casefold()] != n]
+        spelled = {name_key(n): n for n in head_names}
+        near = [(n, spelled[name_key(n)]) for n in names if name_key(n) in spelled and spelled[name_key(n)] != n]
         if near:
-            raise CgilError("class name(s) differ only in case from a class of the head: "
+            raise CgilError("class name(s) differ only in case or width from a class of the head: "
                             + ", ".join(f"{n!r} vs {old!r}" for n, old in near) + "; use the exact name or a new one")
     return names
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import io
-import ipaddress
 import logging
 import math
 import os
@@ -35,6 +33,7 @@ import numpy as np
 from fastapi import Query, Request
 from pydantic import BaseModel
 
+from .admin_auth import admin_authorised
 from .errors import CgilError
 from .images import SERVE_FORMATS
 
@@ -94,21 +93,6 @@ class ReloadResponse(BaseModel):
     previous: int
     swapped: bool
 
-
-
-def is_loopback(host: Optional[str]) -> bool:
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
-
-
-def forwarded(request: Request) -> bool:
-    """The request came through a proxy (it names an original client)."""
-    return any(h in request.headers for h in FORWARDING_HEADERS)
 
 
 def decode_image(data: bytes, preprocess, what: str, max_pixels: int = 8_388_608,
@@ -318,14 +302,7 @@ def create_app(cfg: ServeConfig, classifier=None):
                          409: {"description": "the new head failed verification; the old one keeps serving"}})
     async def reload(request: Request):
         """Re-read heads/CURRENT and swap the head. Loopback peers, or `Authorization: Bearer <token>`."""
-        given = request.headers.get("authorization", "")
-        given = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-admin-token", "")
-        peer = request.client.host if request.client else None
-        if given:  # a token that is given must be the right one, from loopback too
-            authorised = token is not None and hmac.compare_digest(given.encode(), token.encode())
-        else:  # a forwarded request's real client is elsewhere, whatever the proxy's own address
-            authorised = cfg.admin_loopback and is_loopback(peer) and not forwarded(request)
-        if not authorised:
+        if not admin_authorised(request, token, cfg.admin_loopback):
             return error(403, "admin endpoints need a valid admin token, or a direct (not proxied) loopback peer "
                               "without a token")
         try:
