@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -17,8 +17,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/cgil train --method all
 
+# CI runs everything (.ci/run); gpu tests skip where there is no GPU.
 test: setup
 	$(VENV)/bin/python -m pytest -n 2 tests
+
+# The edit-test loop: no training run, export, spawned venv or fuzzing (markers in pyproject.toml).
+test-fast: setup
+	$(VENV)/bin/python -m pytest -n 2 -m "not slow and not gpu" tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -18,8 +18,6 @@ import httpx
 import numpy as np
 import pytest
 
-from test_update import base_bundle, bundle, new_digits, update_work  # noqa: F401  (shared fixtures)
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
