@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from cgil.choices import DEFAULT_SEED
+
 ROOT = Path(__file__).resolve().parent.parent
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 BASE_CLASSES, NEW_CLASSES = tuple(range(8)), (8, 9)
@@ -62,7 +64,7 @@ def write_digit_folders(root: Path, classes: Sequence[int], splits: Sequence[str
 
 
 def build_base_bundle(work: Path, generator: str = "vae", passes: int = 20, epochs: int = 8, tasks: int = 4,
-                      seed: int = 1992, max_batch: int = 32) -> Path:
+                      seed: int = DEFAULT_SEED, max_batch: int = 32) -> Path:
     """Train CGIL on digits 0-7 (folder dataset) and export it: the device's starting bundle."""
     from cgil.config import TrainConfig
     from cgil.progress import Reporter

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from cgil.choices import DEFAULT_SEED
 from cgil.clip import create_clip
 from cgil.learner import AlignConfig, Learner, derive_seed
 from cgil.state import load_learner
@@ -185,7 +186,7 @@ def publish_update(root: Path, version: int, learner: Learner, head: Head, manif
 
 
 def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epochs: Optional[int] = None,
-                       lr: Optional[float] = None, passes: Optional[int] = None, seed: int = 1992,
+                       lr: Optional[float] = None, passes: Optional[int] = None, seed: int = DEFAULT_SEED,
                        store_precision: str = "fp32", report: Report = lambda s: None,
                        device: str = "cpu", keep: int = KEEP) -> dict[str, Any]:
     """Learn the classes in DATA/<class>/ and publish a new head version. Returns timings and the version.
