@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ test: setup
 # The edit-test loop: no training run, export, spawned venv or fuzzing (markers in pyproject.toml).
 test-fast: setup
 	$(VENV)/bin/python -m pytest -n 2 -m "not slow and not gpu" tests
+
+# ruff's rules and its few ignores are in pyproject.toml; CI fails on any finding.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -174,7 +174,7 @@ def train(
             again = f"cgil train --out {shlex.quote(str(out))} --resume"
             Console(stderr=True, markup=False, highlight=False, soft_wrap=True).print(
                 f"interrupted; finished tasks are saved. Continue with: {again}")
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     finally:
         distributed.shutdown()
     if not main:

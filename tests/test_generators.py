@@ -181,7 +181,7 @@ def test_batched_adam_matches_torch_adam_per_class(weight_decay):
     singles = [torch.nn.Parameter(w[k].clone()) for k in range(3)]
     torch_cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
     opts = [torch_cls([p], lr=lr, weight_decay=weight_decay) for p, lr in zip(singles, (1e-2, 3e-3))]
-    for it in range(100):
+    for _ in range(100):
         grad = torch.randn(3, 5, 4, generator=g)
         batched.grad = grad.clone()
         opt.step(torch.tensor([1e-2, 3e-3, 0.0]))

@@ -81,3 +81,15 @@ def test_a_misspelt_marker_is_an_error(tmp_path):
     (tmp_path / "test_typo.py").write_text("import pytest\n\n@pytest.mark.slwo\ndef test_x():\n    pass\n")
     out = _pytest_in(tmp_path)
     assert out.returncode != 0 and "'slwo' not found in `markers` configuration option" in out.stdout + out.stderr
+
+
+def test_ci_lints_and_the_lint_finds_real_problems(tmp_path):
+    steps = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "make lint" in steps and "make test" in steps
+    ruff = Path(sys.executable).with_name("ruff")
+    assert subprocess.run([str(ruff), "check", "."], cwd=ROOT, capture_output=True, text=True).returncode == 0
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    (tmp_path / "bad.py").write_text("import os\n\n\ndef f(x=[]):\n    return undefined_name\n")
+    out = subprocess.run([str(ruff), "check", "--output-format", "concise", "."], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert {"F401", "B006", "F821"} <= set(re.findall(r"\b([A-Z]\d{3})\b", out.stdout)), out.stdout
