@@ -276,12 +276,9 @@ def _add_examples(typer_app: typer.Typer, prefix: str = "") -> None:
 
 def _show_version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
+        from cgil import __version__  # the one version source (pyproject reads it too)
 
-        try:
-            typer.echo(f"cgil {version('cgil')}")
-        except PackageNotFoundError:  # run from a source tree that is not installed
-            typer.echo("cgil (not installed)")
+        typer.echo(f"cgil {__version__}")
         raise typer.Exit()
 
 

@@ -93,3 +93,18 @@ def test_ci_lints_and_the_lint_finds_real_problems(tmp_path):
     out = subprocess.run([str(ruff), "check", "--output-format", "concise", "."], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 1
     assert {"F401", "B006", "F821"} <= set(re.findall(r"\b([A-Z]\d{3})\b", out.stdout)), out.stdout
+
+
+def test_the_version_has_one_source():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    import cgil
+    from cli import app
+    from typer.testing import CliRunner
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "cgil.__version__"}
+    assert CliRunner().invoke(app, ["--version"]).output == f"cgil {cgil.__version__}\n"
+    releases = re.findall(r"^## (\d+\.\d+\.\d+)", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert releases and releases[0] == cgil.__version__
