@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint bench-tables clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ test-fast: setup
 # ruff's rules and its few ignores are in pyproject.toml; CI fails on any finding.
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# Benchmarks write outside the checkout (~/.cache/cgil/bench or --out). Publishing into benchmarks/results and
+# its README is explicit: make bench-tables PUBLISH="~/.cache/cgil/bench/update-amd-epyc-2c.json ..."
+bench-tables: setup
+	$(PY) -m benchmarks.readme $(if $(PUBLISH),--publish $(PUBLISH))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

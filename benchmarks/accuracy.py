@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks.common import add_threads_option, apply_threads, log, machine, markdown_table, write_results
+from benchmarks.common import add_out_option, add_threads_option, apply_threads, log, machine, markdown_table, write_results
 from cgil.choices import DEFAULT_SEED, GENERATOR_KINDS, METHODS
 
 GENERATORS = GENERATOR_KINDS
@@ -94,7 +94,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budgets (seconds): a smoke run, not a measurement")
     p.add_argument("--runs-dir", type=Path, default=None, help="keep the run directories here (default: temporary)")
     add_threads_option(p)
-    p.add_argument("--out-dir", type=Path, default=None)
+    add_out_option(p)
     return p.parse_args(argv)
 
 
