@@ -44,7 +44,6 @@ from .serve_config import ADMIN_TOKEN_ENV, DEFAULT_HOST, DEFAULT_PORT, MAX_DECOD
 log = logging.getLogger("cgil.serve")
 
 
-
 class Result(BaseModel):
     labels: list[str]
     scores: list[float]
