@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast lint bench-tables clean
 
 setup: $(VENV)/.installed
 
@@ -17,8 +17,22 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/cgil train --method all
 
+# CI runs everything (.ci/run); gpu tests skip where there is no GPU.
 test: setup
 	$(VENV)/bin/python -m pytest -n 2 tests
+
+# The edit-test loop: no training run, export, spawned venv or fuzzing (markers in pyproject.toml).
+test-fast: setup
+	$(VENV)/bin/python -m pytest -n 2 -m "not slow and not gpu" tests
+
+# ruff's rules and its few ignores are in pyproject.toml; CI fails on any finding.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# Benchmarks write outside the checkout (~/.cache/cgil/bench or --out). Publishing into benchmarks/results and
+# its README is explicit: make bench-tables PUBLISH="~/.cache/cgil/bench/update-amd-epyc-2c.json ..."
+bench-tables: setup
+	$(PY) -m benchmarks.readme $(if $(PUBLISH),--publish $(PUBLISH))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from cgil.choices import DEFAULT_SEED, METHODS, MOG_ESTEPS, VAE_OBJECTIVES  # torch-free: checked before torch loads
 from runtime.console import console, guarded
 from runtime.errors import CgilError
 
@@ -23,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Continual learning for a frozen CLIP (CGIL): train, export, serve, update.")
 
 
-TRAIN_METHODS = ("cgil", "zeroshot", "joint", "sequential", "all")  # cgil.config.METHODS + all
+TRAIN_METHODS = (*METHODS, "all")
 TRAIN_DEVICES = ("auto", "cpu", "cuda")
 # What --resume and --config take from a saved config.json, by flag: the flags a user may leave out.
 SAVED_FLAGS = {"dataset": "dataset", "data_dir": "data_dir", "preset": "preset", "model": "model",
@@ -31,8 +32,6 @@ SAVED_FLAGS = {"dataset": "dataset", "data_dir": "data_dir", "preset": "preset",
                "val_split": "val_split", "generator": "generator.kind", "epochs": "align.epochs",
                "lr": "align.lr", "passes": "generator.passes", "vae_objective": "generator.vae_objective",
                "mog_estep": "generator.mog_estep"}
-VAE_OBJECTIVES = ("reference", "textbook")  # cgil.generators.vae.VAE_OBJECTIVES, checked before torch loads
-MOG_ESTEPS = ("exact", "reference")
 
 
 def _close(word: str, choices, what: str) -> None:
@@ -90,7 +89,7 @@ def train(
     method: str = typer.Option("cgil", help="cgil | zeroshot | joint | sequential | all"),
     generator: str = typer.Option("vae", help="vae | mog | gauss | diffusion"),
     tasks: Optional[int] = typer.Option(None, help="Number of tasks (default: the dataset's reference split, else 5 or fewer)"),
-    seed: int = typer.Option(1992, help="Class order and learner seed"),
+    seed: int = typer.Option(DEFAULT_SEED, help="Class order and learner seed"),
     epochs: Optional[int] = typer.Option(None, help="Alignment epochs. Default: 20 for digits and folder:PATH; the paper's 60-150 for its datasets; 60 otherwise"),
     lr: Optional[float] = typer.Option(None, help="Alignment learning rate. Default: 0.03; the paper's per dataset"),
     vae_objective: Optional[str] = typer.Option(None, help="VAE reparameterisation and KL: reference (default: the reference code's, z = mu + exp(s) eps) | textbook (std = exp(logvar / 2))"),
@@ -136,7 +135,7 @@ def train(
     check_dataset_name(values["dataset"])
 
     from cgil import distributed
-    from cgil.config import METHODS, TrainConfig
+    from cgil.config import TrainConfig
     from cgil.progress import Reporter
     from cgil.report import matrix_table, summary_table, write_comparison
     from cgil.train import resolve_device, run
@@ -175,7 +174,7 @@ def train(
             again = f"cgil train --out {shlex.quote(str(out))} --resume"
             Console(stderr=True, markup=False, highlight=False, soft_wrap=True).print(
                 f"interrupted; finished tasks are saved. Continue with: {again}")
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     finally:
         distributed.shutdown()
     if not main:
@@ -277,12 +276,9 @@ def _add_examples(typer_app: typer.Typer, prefix: str = "") -> None:
 
 def _show_version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
+        from cgil import __version__  # the one version source (pyproject reads it too)
 
-        try:
-            typer.echo(f"cgil {version('cgil')}")
-        except PackageNotFoundError:  # run from a source tree that is not installed
-            typer.echo("cgil (not installed)")
+        typer.echo(f"cgil {__version__}")
         raise typer.Exit()
 
 

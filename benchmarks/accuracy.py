@@ -17,10 +17,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks.common import add_threads_option, apply_threads, log, machine, markdown_table, write_results
+from benchmarks.common import add_out_option, add_threads_option, apply_threads, log, machine, markdown_table, write_results
+from cgil.choices import DEFAULT_SEED, GENERATOR_KINDS, METHODS
 
-GENERATORS = ("vae", "mog", "gauss", "diffusion")
-BASELINES = ("zeroshot", "joint", "sequential")
+GENERATORS = GENERATOR_KINDS
+BASELINES = tuple(m for m in METHODS if m != "cgil")
 COLUMNS = ["run", "final_avg_acc", "final_pooled_acc", "avg_incremental_acc", "forgetting", "transfer",
            "transfer_unnormalised", "fit_s", "align_s", "total_s"]
 
@@ -89,11 +90,11 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--passes", type=int, default=None, help="VAE/diffusion passes (default: dataset preset)")
     p.add_argument("--epochs", type=int, default=None, help="alignment epochs (default: dataset preset)")
     p.add_argument("--tasks", type=int, default=None, help="number of tasks (default: dataset's split)")
-    p.add_argument("--seed", type=int, default=1992)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--quick", action="store_true", help="tiny budgets (seconds): a smoke run, not a measurement")
     p.add_argument("--runs-dir", type=Path, default=None, help="keep the run directories here (default: temporary)")
     add_threads_option(p)
-    p.add_argument("--out-dir", type=Path, default=None)
+    add_out_option(p)
     return p.parse_args(argv)
 
 

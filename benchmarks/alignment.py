@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks.common import add_threads_option, apply_threads, log, machine, markdown_table, write_results
+from benchmarks.common import add_out_option, add_threads_option, apply_threads, log, machine, markdown_table, write_results
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="cgil-tiny's text tower, C = 10 and 40, 1 epoch: a smoke run")
     add_threads_option(p)
-    p.add_argument("--out-dir", default=None)
+    add_out_option(p)
     return p.parse_args(argv)
 
 

@@ -47,7 +47,8 @@ def _command(name: str):
 
 def register(app: typer.Typer) -> None:
     bench = typer.Typer(no_args_is_help=True, add_completion=False,
-                        help="Benchmarks: each prints a table and writes JSON + markdown to benchmarks/results/.")
+                        help="Benchmarks: each prints a table and writes JSON + markdown outside the checkout "
+                             "(~/.cache/cgil/bench, or --out DIR); make bench-tables publishes chosen results.")
     for name in available():
         bench.command(name, context_settings=_PASS_THROUGH, help=BENCHMARKS[name])(_command(name))
     app.add_typer(bench, name="bench")

@@ -9,7 +9,24 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+# The published tables, in the checkout: written only by `make bench-tables` (benchmarks/readme.py --publish),
+# never by a benchmark run, so that running one in a clone leaves the clone as it was.
 RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def default_out_dir() -> Path:
+    """Where a benchmark writes unless given --out: outside the checkout, under the cache root
+    ($CGIL_CACHE/bench, else ~/.cache/cgil/bench)."""
+    from runtime.artifacts import cache_root
+
+    return cache_root("bench")
+
+
+def add_out_option(parser) -> None:
+    """--out DIR (--out-dir is the older spelling) for every benchmark; args.out_dir, None: default_out_dir()."""
+    parser.add_argument("--out", "--out-dir", dest="out_dir", type=Path, default=None,
+                        help="results folder (default: $CGIL_CACHE/bench or ~/.cache/cgil/bench, outside the checkout; "
+                             "make bench-tables publishes chosen results to benchmarks/results)")
 
 
 def cpu_model() -> str:
@@ -97,8 +114,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Optional[Sequence[st
 
 def write_results(name: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any],
                   out_dir: Optional[Path] = None, columns: Optional[Sequence[str]] = None) -> Path:
-    """benchmarks/results/<name>-<machine>.json and .md; returns the JSON path."""
-    out_dir = Path(out_dir or RESULTS_DIR)
+    """OUT/<name>-<machine>.json and .md (OUT: out_dir, else default_out_dir()); returns the JSON path."""
+    out_dir = Path(out_dir) if out_dir else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{machine_slug()}"
     doc = {"benchmark": name, "machine": machine(), "meta": meta, "rows": list(rows),

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import add_threads_option, apply_threads, write_results
+from .common import add_out_option, add_threads_option, apply_threads, write_results
 
 # (passes, epochs): a passes sweep at the digits preset's 20 epochs, an epochs sweep at 100 passes,
 # and the paper's generic budget (500 passes, 60 epochs) that a folder got before.
@@ -45,7 +45,7 @@ def save(rows: list[dict], args, argv) -> None:
     write_results(name, rows, {"command": command, "threads": args.threads, "model": "cgil-tiny",
                                "generator": "vae", "dataset": "digits"},
                   columns=["passes", "epochs", "final_avg_acc", "final_avg_acc_per_seed", "cpu_s_per_run",
-                           "wall_s_generators", "wall_s_alignment"])
+                           "wall_s_generators", "wall_s_alignment"], out_dir=args.out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="+", default=None, metavar="PASSESxEPOCHS",
                         help="budgets to measure, e.g. 100x20 500x60 (default: the whole grid)")
     add_threads_option(parser)
+    add_out_option(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     grid, seeds = (QUICK_GRID, args.seeds[:1]) if args.quick else (GRID, args.seeds)

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks.common import add_threads_option, apply_threads, log, machine, markdown_table, write_results
+from benchmarks.common import add_out_option, add_threads_option, apply_threads, log, machine, markdown_table, write_results
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fidelity" / "reference_digits.json"
 RATIO_TOLERANCE = 0.15
@@ -53,7 +53,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="fit cgil's VAEs with the hand-written CPU step (vae_cpu_step) instead of the batched autograd loop")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run, not a measurement")
     add_threads_option(p)
-    p.add_argument("--out-dir", type=Path, default=None)
+    add_out_option(p)
     return p.parse_args(argv)
 
 

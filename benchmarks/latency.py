@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .common import machine, markdown_table, write_results
+from .common import add_out_option, machine, markdown_table, write_results
 from .latency_gpu import GPU_ENGINES, Unavailable
 from .peaks import gemm_peak, nominal_peak
 
@@ -328,7 +328,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--big-agreement-images", type=int, default=200,
                    help="Test images for the int8 agreement of models above 1 GFLOP/image (the tiny model uses all)")
     p.add_argument("--run", default=None, help="Use this run's head for the agreement of its model")
-    p.add_argument("--out", default=None, help="Results folder (default benchmarks/results)")
+    add_out_option(p)
     args = p.parse_args(argv)
     rows: list[dict[str, Any]] = []
     start, load_start = time.perf_counter(), os.getloadavg()  # other processes on a shared machine skew timings
@@ -352,7 +352,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "weights": "random (seed 0)", "inputs": "digits test images resized to the model's size",
             "gemm_peak": peak, "nominal_peak": nominal, "seconds": round(time.perf_counter() - start, 1),
             "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}
-    path = write_results("latency", rows, meta, Path(args.out) if args.out else None, columns)
+    path = write_results("latency", rows, meta, args.out_dir, columns)
     md = path.with_suffix(".md")
     md.write_text(md.read_text() + _notes(meta, rows))
     print(f"\nmachine: {machine()}\n")

@@ -1,6 +1,6 @@
 """Serving and on-device update benchmarks (tiny model, digits, CPU).
 
-Three tables, written to benchmarks/results/serve-*-<machine>.{json,md}:
+Three tables, written to serve-*-<machine>.{json,md} in --out (default outside the checkout, see common.py):
 - serve-latency: requests/s and p50/p99 latency of POST /v1/classify (one PNG per request) at
   concurrency 1, 8 and 32, against a real `cgil serve` subprocess on loopback, before and during
   head swaps (a zero-shot update and a rollback published alternately while the load runs).
@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from cgil.choices import DEFAULT_SEED
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -62,7 +64,7 @@ def write_digit_folders(root: Path, classes: Sequence[int], splits: Sequence[str
 
 
 def build_base_bundle(work: Path, generator: str = "vae", passes: int = 20, epochs: int = 8, tasks: int = 4,
-                      seed: int = 1992, max_batch: int = 32) -> Path:
+                      seed: int = DEFAULT_SEED, max_batch: int = 32) -> Path:
     """Train CGIL on digits 0-7 (folder dataset) and export it: the device's starting bundle."""
     from cgil.config import TrainConfig
     from cgil.progress import Reporter
@@ -278,7 +280,7 @@ def fp16_effect(base: Path, work: Path, seeds: Sequence[int], epochs: int, passe
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from benchmarks.common import write_results
+    from benchmarks.common import add_out_option, default_out_dir, write_results
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests and tiny budgets (smoke test)")
@@ -288,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--requests", type=int, default=640, help="requests per (concurrency, phase)")
     ap.add_argument("--skip-serving", action="store_true")
     ap.add_argument("--work", type=Path, default=None, help="keep bundles here (default: a temp dir)")
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_option(ap)
     ap.add_argument("--fp16-base", type=Path, default=None,
                     help="only measure fp16 vs fp32 store on this (VAE) base bundle, over --seeds")
     ap.add_argument("--seeds", default="1,2,3")
@@ -307,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          **{k: sum(r[k] for r in sel) / len(sel) for k in sel[0] if k not in ("seed", "store")}})
         write_results("serve-fp16", rows, {"command": command, "base": str(a.fp16_base), "epochs": a.epochs,
                                            "passes": a.passes, "note": "same update and seed, store fp32 vs fp16; "
-                                           "with fp16 the alignment samples the fp16 round-trip of every generator"}, a.out)
+                                           "with fp16 the alignment samples the fp16 round-trip of every generator"}, a.out_dir)
         return
     gens = a.generators.split(",")
     data, tests = new_class_data(work), test_folder(work)
@@ -346,16 +348,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             "update": "2 new classes (eight, nine): all their digits training images",
             "passes": a.passes, "epochs": a.epochs,
             "note": "machine shared with other jobs; timings are wall-clock under that load"}
-    write_results("serve-update", update_rows, meta, a.out)
-    write_results("serve-store", store_rows, meta, a.out)
+    write_results("serve-update", update_rows, meta, a.out_dir)
+    write_results("serve-store", store_rows, meta, a.out_dir)
     if not a.skip_serving and first_bundle is not None:
         b = work / "bundle-serving"
         shutil.copytree(first_bundle, b)
         rows = bench_serving(b, work, (1, 8, 32), a.requests)
         write_results("serve-latency", rows, {**meta, "requests": "one 8x8 PNG digit per request, raw body",
                                               "server": "cgil serve --max-batch 32 --max-wait-ms 5 --watch 0.1 (subprocess)",
-                                              "client": "Python threads, one httpx keep-alive client each"}, a.out)
-    print(f"results in {a.out or 'benchmarks/results'}")
+                                              "client": "Python threads, one httpx keep-alive client each"}, a.out_dir)
+    print(f"results in {a.out_dir or default_out_dir()}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks.common import add_threads_option, apply_threads, log, markdown_table, write_results
+from benchmarks.common import add_out_option, add_threads_option, apply_threads, log, markdown_table, write_results
+from cgil.choices import DEFAULT_SEED
 
 MB = 1_000_000
 TARGET_BYTES = 1 * MB  # default generator's store per class at D = 768
@@ -182,9 +183,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--noise-control", type=int, default=3, metavar="N",
                    help="for mog and gauss, N extra runs with the fp32 store perturbed by random relative noise "
                         "of fp16's size: how much accuracy moves from any tiny change (default 3; 0 = none)")
-    p.add_argument("--seed", type=int, default=1992)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     add_threads_option(p)
-    p.add_argument("--out-dir", type=Path, default=None)
+    add_out_option(p)
     return p.parse_args(argv)
 
 

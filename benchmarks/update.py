@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from benchmarks.common import add_threads_option, apply_threads, log, markdown_table, write_results
+from benchmarks.common import add_out_option, add_threads_option, apply_threads, log, markdown_table, write_results
 from benchmarks.update_fit import (REFERENCE_PASSES, bench_generators, profile_fit,  # noqa: F401  (re-exported)
                                    synthetic_features, timed)
 
@@ -178,7 +177,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="passes of the side-by-side VAE fit vs a reference-style loop (default 20; 0 skips it)")
     p.add_argument("--seed", type=int, default=0)
     add_threads_option(p)
-    p.add_argument("--out-dir", type=Path, default=None, help="where results go (default benchmarks/results)")
+    add_out_option(p)
     return p.parse_args(argv)
 
 

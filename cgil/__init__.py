@@ -5,5 +5,5 @@ Entry points: `cgil.train.run` (a benchmark run), `cgil.learner.Learner` (one ta
 """
 from runtime.errors import CgilError
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only copy: pyproject.toml and `cgil --version` read it; CHANGELOG.md names it
 __all__ = ["CgilError", "__version__"]

@@ -94,13 +94,6 @@ def rank_gpu(device: str, local_rank_: int, local_world: int, gpus: int) -> int:
     return local_rank_
 
 
-def process_device(device: str) -> str:
-    """The device this process should use: 'cuda' becomes this rank's GPU under torchrun."""
-    if is_distributed() and device.startswith("cuda"):
-        return f"cuda:{torch.cuda.current_device()}"
-    return device
-
-
 def barrier() -> None:
     if is_distributed():
         if dist.get_backend() == "nccl":

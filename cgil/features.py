@@ -19,6 +19,7 @@ import torch
 
 from . import distributed
 from cgil.tensor_io import load_tensors, save_tensors
+from runtime.artifacts import cache_root
 from .clip import FrozenClip
 from .data import ImageDataset, load_image
 
@@ -26,7 +27,8 @@ Progress = Optional[Callable[[int, int], None]]
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CGIL_CACHE", Path.home() / ".cache" / "cgil"))
+    """The feature cache: runtime.artifacts.cache_root(), the rule every cache of cgil follows."""
+    return cache_root()
 
 
 def device_facts(device: torch.device) -> dict:

@@ -125,15 +125,6 @@ def write_class_report(out: Path, classnames: Sequence[str], labels: Sequence[in
     atomic_write_bytes(out / "confusion_matrix.png", confusion_png(matrix, classnames, "confusion after the last task"))
 
 
-def class_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title)
-    for col, justify in (("class", "left"), ("test images", "right"), ("accuracy %", "right")):
-        table.add_column(col, justify=justify)
-    for r in rows:
-        table.add_row(r["name"], str(r["test_images"]), _fmt(r["accuracy"]))
-    return table
-
-
 def write_run_report(out: Path, metrics: dict[str, Any]) -> None:
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "accuracy_matrix.csv", matrix_csv(metrics["accuracy_matrix"]))

@@ -90,8 +90,3 @@ def load_learner(directory: Path, clip: FrozenClip, align_cfg: Optional[AlignCon
     learner.load_store(load_tensors(directory / STORE_TENSORS), store_meta["groups"])
     progress = read_json(directory / PROGRESS) if (directory / PROGRESS).exists() else {}
     return learner, progress
-
-
-def state_sizes(directory: Path) -> dict[str, int]:
-    manifest = verify_manifest(directory)
-    return {name: info["bytes"] for name, info in manifest["files"].items()}

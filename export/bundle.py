@@ -6,6 +6,7 @@ read it, and only then renamed to its final name. A failed check leaves no bundl
 """
 from __future__ import annotations
 
+import inspect
 import shutil
 import tempfile
 import time
@@ -35,6 +36,13 @@ from .quantize import to_fp16, to_int8, top1_agreement
 FORMATS = ("onnx", "tensorrt", "triton")
 PRECISIONS = ("fp32", "fp16", "int8")
 TRITON_PLATFORMS = ("onnxruntime", "tensorrt")  # what Triton runs: the ONNX graph, or a TensorRT plan
+# The options each format reads (beside the run and --out). One a format would ignore is refused instead
+# of silently dropped: `--format onnx --triton-platform tensorrt` builds no TensorRT plan.
+FORMAT_ARGS = {
+    "onnx": ("precision", "max_batch", "min_agreement", "text"),
+    "tensorrt": ("precision", "max_batch", "min_agreement", "text"),
+    "triton": ("precision", "max_batch", "min_agreement", "text", "triton_platform"),
+}
 # Least top-1 agreement with the fp32 graph on the test split before a reduced-precision export is refused.
 MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.99, "int8": 0.95}
 CHECK_IMAGES = 1024  # at most this many test images for the checks, calibration likewise from train
@@ -77,6 +85,18 @@ def _embed_torch(graph: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
         return torch.cat([graph(torch.from_numpy(pixels[i:i + 64])) for i in range(0, len(pixels), 64)]).numpy()
 
 
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_format_args(format: str, given: dict[str, Any]) -> None:
+    """Refuse options (those of FORMAT_ARGS, away from their defaults) that `format` would ignore."""
+    ignored = [name for name in given if name not in FORMAT_ARGS[format]]
+    if ignored:
+        raise CgilError(f"{', '.join(map(_option, ignored))} does not apply to --format {format} "
+                        f"(it takes {', '.join(map(_option, FORMAT_ARGS[format]))})")
+
+
 def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str = "fp32", max_batch: int = 32,
                   force: bool = False, min_agreement: Optional[float] = None, text: bool = True,
                   report: Callable[[str], None] = lambda s: None, triton_platform: str = "onnxruntime") -> dict[str, Any]:
@@ -97,7 +117,14 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
         raise CgilError(f"{out} exists and is not empty; pass --force to replace it")
     if triton_platform not in TRITON_PLATFORMS:
         raise CgilError(f"unknown Triton platform {triton_platform!r}; choose one of: {', '.join(TRITON_PLATFORMS)}")
+    defaults = {k: p.default for k, p in inspect.signature(export_bundle).parameters.items()}
+    chosen = dict(precision=precision, max_batch=max_batch, min_agreement=min_agreement, text=text,
+                  triton_platform=triton_platform)
+    check_format_args(format, {k: v for k, v in chosen.items() if v != defaults[k]})
     trt = format == "tensorrt" or (format == "triton" and triton_platform == "tensorrt")
+    if min_agreement is not None and precision == "fp32" and not trt:
+        raise CgilError("--min-agreement does not apply to an fp32 ONNX graph (checked by cosine against PyTorch); "
+                        "it gates fp16/int8 graphs and TensorRT engines")
     if trt:
         from runtime.tensorrt_build import require_tensorrt
 

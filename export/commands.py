@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from cgil.choices import DEFAULT_SEED
 from runtime.console import console, fail, guarded, require_learner
 from runtime.format import KEEP
 
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
         epochs: Optional[int] = typer.Option(None, help="Alignment epochs (default: the head's recorded setting, else 60)"),
         lr: Optional[float] = typer.Option(None, help="Alignment learning rate (default: recorded, else 0.03)"),
         passes: Optional[int] = typer.Option(None, help="Generator passes over each new class's features (default: the store's)"),
-        seed: int = typer.Option(1992, help="Seed of the new prompts, generators and alignment"),
+        seed: int = typer.Option(DEFAULT_SEED, help="Seed of the new prompts, generators and alignment"),
         store_precision: str = typer.Option("fp32", "--store-precision", help="fp32 | fp16: how the replay store is written"),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N: where --data fits generators and realigns"),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),

@@ -89,7 +89,7 @@ def _traceable(transformer: nn.Module) -> nn.Module:
     import copy
 
     transformer = copy.deepcopy(transformer)
-    for name, module in list(transformer.named_modules()):
+    for module in list(transformer.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.MultiheadAttention):
                 setattr(module, child_name, TraceableAttention(child))

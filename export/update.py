@@ -27,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from cgil.choices import DEFAULT_SEED
 from cgil.clip import create_clip
 from cgil.learner import AlignConfig, Learner, derive_seed
 from cgil.state import load_learner
@@ -38,7 +39,7 @@ from runtime.format import (KEEP, PROMPT_CONTEXT, PROMPTS_META, PROMPTS_TENSORS,
                             STORE_TENSORS)
 from runtime.names import clean_names, folder_class_name
 from runtime.heads import (Report, check_new_names, head_meta, heads_root, learned_names, next_version, prune,
-                           publish_head, update_lock, version_model, write_head_files)
+                           publish_head, successor_meta, update_lock, version_model, write_head_files)
 
 from .onnx_export import prompt_context
 
@@ -161,19 +162,9 @@ def publish_update(root: Path, version: int, learner: Learner, head: Head, manif
     zs_names = [n for n in old.get("zero_shot_class_names", []) if n in head.class_names and n not in names]
     zs_rows = [head.class_names.index(n) for n in zs_names]
     keys = np.concatenate([learned_keys, head.keys[zs_rows]]) if zs_rows else learned_keys
-    keep_future = [i for i, n in enumerate(head.future_names) if n not in names]
-    future = head.future_keys[keep_future] if keep_future else np.zeros((0, keys.shape[1]), np.float32)
-    meta = dict(old)
-    meta.update({
-        "head_version": version,
-        "class_ids": list(learner.class_ids) + [-1] * len(zs_names),
-        "class_names": list(learner.class_names) + zs_names,
-        "future_class_ids": [old["future_class_ids"][i] for i in keep_future] if old.get("future_class_ids") else [],
-        "future_class_names": [head.future_names[i] for i in keep_future],
-        "zero_shot_class_names": zs_names,
-        "align": learner.align_cfg.to_dict(),
-        "update": update_record,
-    })
+    meta, future = successor_meta(head, old, version, list(learner.class_ids) + [-1] * len(zs_names),
+                                  list(learner.class_names) + zs_names, zs_names, names,
+                                  align=learner.align_cfg.to_dict(), update=update_record)
     blobs = _version_blobs(learner, src, images, new_ids, update_record["store_precision"])
 
     def write(d: Path) -> None:
@@ -185,7 +176,7 @@ def publish_update(root: Path, version: int, learner: Learner, head: Head, manif
 
 
 def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epochs: Optional[int] = None,
-                       lr: Optional[float] = None, passes: Optional[int] = None, seed: int = 1992,
+                       lr: Optional[float] = None, passes: Optional[int] = None, seed: int = DEFAULT_SEED,
                        store_precision: str = "fp32", report: Report = lambda s: None,
                        device: str = "cpu", keep: int = KEEP) -> dict[str, Any]:
     """Learn the classes in DATA/<class>/ and publish a new head version. Returns timings and the version.

@@ -37,6 +37,15 @@ def version_path(root: Path, name: Any, where: str, pattern: Optional[re.Pattern
     return path
 
 
+CACHE_ENV = "CGIL_CACHE"
+
+
+def cache_root(*parts: str) -> Path:
+    """Where every cache of cgil lives (features, TensorRT engines, the TensorRT EP's caches): $CGIL_CACHE
+    when set and not empty, else ~/.cache/cgil. The one rule: an empty variable must not mean the cwd."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/cgil").expanduser().joinpath(*parts)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

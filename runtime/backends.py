@@ -75,9 +75,9 @@ def provider_options(provider: str, precision: str, input_name: Optional[str] = 
     the precision of the graph, so no request ever waits for an engine build after the first start."""
     if provider != "TensorrtExecutionProvider":
         return {}
-    import os
+    from .artifacts import cache_root
 
-    cache = Path(cache_dir or Path(os.environ.get("CGIL_CACHE") or Path.home() / ".cache" / "cgil") / "ort-tensorrt")
+    cache = Path(cache_dir or cache_root("ort-tensorrt"))
     cache.mkdir(parents=True, exist_ok=True)
     opts: dict[str, object] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),

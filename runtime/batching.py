@@ -20,7 +20,6 @@ import numpy as np
 
 from .errors import CgilError
 
-from .bundle import Head
 from .metrics import Metrics
 
 log = logging.getLogger("cgil.serve")
@@ -28,23 +27,6 @@ log = logging.getLogger("cgil.serve")
 
 class QueueFull(Exception):
     pass
-
-
-# ---------------------------------------------------------------- metrics (Prometheus text format)
-
-
-def score(head: Head, embeddings: np.ndarray, top_k: int, logit_scale: float) -> list[dict[str, Any]]:
-    """Top-k labels and softmax scores per embedding, against ONE head (the same maths as Classifier.classify)."""
-    if head.num_classes == 0:
-        raise CgilError(f"the head in {head.directory} has no classes")
-    sims = embeddings @ head.keys.T
-    logits = logit_scale * sims
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    k = max(1, min(int(top_k), head.num_classes))
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [{"labels": [head.class_names[j] for j in row], "scores": [float(probs[i, j]) for j in row]}
-            for i, row in enumerate(order)]
 
 
 @dataclass
@@ -126,8 +108,8 @@ class Batcher:
                 start = 0
                 for job in batch:
                     n = len(job.pixels)
-                    job.future.set_result((head.version, score(head, emb[start:start + n], job.top_k,
-                                                               self.classifier.logit_scale)))
+                    found = self.classifier.classify(emb[start:start + n], job.top_k, head=head)
+                    job.future.set_result((head.version, [{"labels": p.labels, "scores": p.scores} for p in found]))
                     start += n
             except BaseException as e:  # the engine failed: fail this batch's requests, keep serving
                 log.exception("engine call failed")

@@ -89,8 +89,12 @@ class Classifier:
     def predict(self, images: Sequence[ImageLike], top_k: int = 5) -> list[Prediction]:
         return self.classify(self.embed(images), top_k)
 
-    def classify(self, embeddings: np.ndarray, top_k: int = 5) -> list[Prediction]:
-        head = self._head  # read once: the whole batch is scored by the same head
+    def classify(self, embeddings: np.ndarray, top_k: int = 5, head: Optional[Head] = None) -> list[Prediction]:
+        """Top-k labels, softmax scores and cosines per embedding; the one scoring code (serve's batcher too).
+
+        `head`: a snapshot the caller already holds (the batcher scores a whole batch with one), else the current.
+        """
+        head = head or self._head  # read once: the whole batch is scored by the same head
         if head.num_classes == 0:
             raise CgilError(f"the head in {head.directory} has no classes")
         sims = embeddings @ head.keys.T

@@ -26,10 +26,6 @@ TRAIN_EXTRA_MODULES = {"torch", "torchvision", "open_clip", "timm", "sklearn", "
 TRAIN_HINT = "pip install 'cgil[train]'"
 
 
-def _stderr() -> Console:
-    return Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
-
-
 def fail(message: str, code: int = 2) -> None:
     """Print `error: message` on stderr (user text is never read as markup) and exit."""
     from .names import printable  # one line: control characters of names or paths are shown as escapes
@@ -39,8 +35,10 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def warn(message: str) -> None:
-    """One `warning: ...` line on stderr; the run goes on."""
-    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """One `warning: ...` line on stderr, escaped as `fail` escapes (a file name may hold brackets or a newline)."""
+    from .names import printable
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
 
 
 def missing_extra(error: ModuleNotFoundError, command: str = "this command") -> str | None:

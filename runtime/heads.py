@@ -25,7 +25,7 @@ import numpy as np
 
 from .artifacts import (atomic_write_json, atomic_write_text, publish_version, read_history, remove_orphans,
                         remove_stale_versions)
-from .bundle import check_head_files, checked_version, current_name, load_head, open_bundle
+from .bundle import Head, check_head_files, checked_version, current_name, load_head, open_bundle
 from .errors import CgilError
 from .names import clean_names, name_key
 from .format import (HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, HISTORY, KEEP, LOCK, MANIFEST, MAX_VERSION,
@@ -160,6 +160,21 @@ def head_meta(directory: Path) -> dict[str, Any]:
     return json.loads((directory / HEAD_META).read_text())
 
 
+def successor_meta(head: Head, old: dict[str, Any], version: int, class_ids: list[int], class_names: list[str],
+                   zero_shot_names: list[str], added: Sequence[str], **extra: Any) -> tuple[dict[str, Any], np.ndarray]:
+    """head.json of the version after `head` (its meta `old` with the new classes and `extra` fields) and its
+    future keys: a future class whose name was just added leaves the future list. The one builder for
+    name-only (add_zero_shot) and image (export.update) updates."""
+    keep = [i for i, n in enumerate(head.future_names) if n not in added]
+    future_ids = old.get("future_class_ids") or []
+    meta = {**old, "head_version": version, "class_ids": class_ids, "class_names": class_names,
+            "future_class_ids": [future_ids[i] for i in keep] if future_ids else [],
+            "future_class_names": [head.future_names[i] for i in keep],
+            "zero_shot_class_names": zero_shot_names, **extra}
+    future = head.future_keys[keep] if keep else np.zeros((0, head.keys.shape[1]), np.float32)
+    return meta, future
+
+
 def learned_names(directory: Path) -> list[str]:
     """Names of the classes with learned prompts (the others in the head are zero-shot)."""
     prompts = directory / PROMPTS_META
@@ -223,20 +238,12 @@ def add_zero_shot(bundle: str | os.PathLike, names: Sequence[str], report: Repor
         z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
         old = head_meta(head.directory)
         version = next_version(root, head.version)
-        keep_future = [i for i, n in enumerate(head.future_names) if n not in names]
-        meta = dict(old)
-        meta.update({
-            "head_version": version,
-            "class_ids": list(head.class_ids) + [-1] * len(names),
-            "class_names": head.class_names + names,
-            "future_class_ids": [old.get("future_class_ids", [])[i] for i in keep_future] if old.get("future_class_ids") else [],
-            "future_class_names": [head.future_names[i] for i in keep_future],
-            "zero_shot_class_names": list(old.get("zero_shot_class_names", [])) + names,
-            "update": {"kind": "zero-shot", "added": names, "from_version": head.version,
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        })
+        meta, future = successor_meta(
+            head, old, version, list(head.class_ids) + [-1] * len(names), head.class_names + names,
+            list(old.get("zero_shot_class_names", [])) + names, names,
+            update={"kind": "zero-shot", "added": names, "from_version": head.version,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         keys = np.concatenate([head.keys, z.astype(np.float32)])
-        future = head.future_keys[keep_future] if len(keep_future) else np.zeros((0, keys.shape[1]), np.float32)
         src = head.directory
 
         def write(d: Path) -> None:

@@ -8,6 +8,9 @@ from typing import Optional
 import typer
 
 from .console import console, guarded
+from .serve_config import ADMIN_TOKEN_ENV, DEFAULT_HOST, DEFAULT_PORT, MIB, ServeConfig
+
+DEFAULT = ServeConfig(Path("."))  # the options' defaults are the dataclass's, never a second copy
 
 
 def register(app: typer.Typer) -> None:
@@ -15,30 +18,30 @@ def register(app: typer.Typer) -> None:
     @guarded
     def serve_command(
         bundle: Path = typer.Argument(..., help="A bundle written by cgil export"),
-        host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
-        port: int = typer.Option(8000, help="TCP port"),
-        backend: str = typer.Option("auto", help="auto | onnxruntime | tensorrt | torch"),
-        max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most images per engine call"),
-        max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="Longest a request waits for a batch to fill"),
-        max_queue: int = typer.Option(256, "--max-queue", min=1, help="Images waiting before requests get 503"),
-        max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Request body limit (413 above it)"),
-        max_images: int = typer.Option(64, "--max-images", min=1, help="Images per request"),
-        max_pixels: int = typer.Option(8_388_608, "--max-pixels", min=1,
+        host: str = typer.Option(DEFAULT_HOST, help="Interface to listen on"),
+        port: int = typer.Option(DEFAULT_PORT, help="TCP port"),
+        backend: str = typer.Option(DEFAULT.backend, help="auto | onnxruntime | tensorrt | torch"),
+        max_batch: int = typer.Option(DEFAULT.max_batch, "--max-batch", min=1, help="Most images per engine call"),
+        max_wait_ms: float = typer.Option(DEFAULT.max_wait_ms, "--max-wait-ms", min=0, help="Longest a request waits for a batch to fill"),
+        max_queue: int = typer.Option(DEFAULT.max_queue, "--max-queue", min=1, help="Images waiting before requests get 503"),
+        max_body_mb: float = typer.Option(DEFAULT.max_body_bytes / MIB, "--max-body-mb", help="Request body limit (413 above it)"),
+        max_images: int = typer.Option(DEFAULT.max_images_per_request, "--max-images", min=1, help="Images per request"),
+        max_pixels: int = typer.Option(DEFAULT.max_pixels, "--max-pixels", min=1,
                                        help="Pixels per image from its header, a JPEG at its draft scale (400 above it)"),
-        max_decoded_mb: float = typer.Option(32.0, "--max-decoded-mb", min=0.001,
+        max_decoded_mb: float = typer.Option(DEFAULT.max_decoded_bytes / MIB, "--max-decoded-mb", min=0.001,
                                              help="Bytes one image decodes to, mode and bit depth included (400 above it)"),
-        max_request_pixels: int = typer.Option(4 * 8_388_608, "--max-request-pixels", min=1,
+        max_request_pixels: int = typer.Option(DEFAULT.max_request_pixels, "--max-request-pixels", min=1,
                                                help="Pixels over all images of one request (413 above it)"),
-        decode_slots: int = typer.Option(0, "--decode-slots", min=0, help="Images decoded at once (0: one per core)"),
+        decode_slots: int = typer.Option(DEFAULT.decode_slots, "--decode-slots", min=0, help="Images decoded at once (0: one per core)"),
         forwarded_allow_ips: Optional[str] = typer.Option(
-            None, "--forwarded-allow-ips",
+            DEFAULT.forwarded_allow_ips, "--forwarded-allow-ips",
             help="Comma-separated proxy addresses whose X-Forwarded-For names the client (default: none trusted)"),
-        admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="CGIL_ADMIN_TOKEN",
+        admin_token: Optional[str] = typer.Option(DEFAULT.admin_token, "--admin-token", envvar=ADMIN_TOKEN_ENV,
                                                   help="Token for POST /v1/admin/reload (a wrong one is 403 from anywhere)"),
-        loopback_admin: bool = typer.Option(True, "--loopback-admin/--no-loopback-admin",
+        loopback_admin: bool = typer.Option(DEFAULT.admin_loopback, "--loopback-admin/--no-loopback-admin",
                                             help="Allow admin calls without a token from direct (not proxied) loopback peers"),
-        watch: float = typer.Option(0.25, "--watch", help="Seconds between checks of heads/CURRENT (0: admin reload only)"),
-        threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads (0: default)"),
+        watch: float = typer.Option(DEFAULT.watch_interval_s, "--watch", help="Seconds between checks of heads/CURRENT (0: admin reload only)"),
+        threads: int = typer.Option(DEFAULT.threads, "--threads", help="ONNX Runtime intra-op threads (0: default)"),
         log_level: str = typer.Option("info", "--log-level"),
     ):
         """Serve a bundle over HTTP with dynamic batching and head hot swap (no torch needed).
@@ -47,11 +50,11 @@ def register(app: typer.Typer) -> None:
         /metrics (Prometheus), POST /v1/admin/reload; the OpenAPI schema at /openapi.json, docs at /docs.
         A new head published by `cgil update` is picked up without a restart and without failed requests.
         """
-        from .server import ServeConfig, serve
+        from .server import serve
 
         cfg = ServeConfig(bundle, backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                          max_body_bytes=int(max_body_mb * 1024 * 1024), max_images_per_request=max_images, max_pixels=max_pixels,
-                          max_decoded_bytes=int(max_decoded_mb * 1024 * 1024), max_request_pixels=max_request_pixels,
+                          max_body_bytes=int(max_body_mb * MIB), max_images_per_request=max_images, max_pixels=max_pixels,
+                          max_decoded_bytes=int(max_decoded_mb * MIB), max_request_pixels=max_request_pixels,
                           decode_slots=decode_slots, forwarded_allow_ips=forwarded_allow_ips, admin_token=admin_token, admin_loopback=loopback_admin, watch_interval_s=watch, threads=threads)
         console.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
         serve(cfg, host, port, log_level)

@@ -25,8 +25,6 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -39,38 +37,10 @@ from .images import SERVE_FORMATS
 
 from .batching import Batcher, HeadManager, QueueFull
 from .metrics import Metrics
+# the settings live in a module without fastapi, so that `cgil serve --help` and its defaults load fast
+from .serve_config import ADMIN_TOKEN_ENV, DEFAULT_HOST, DEFAULT_PORT, MAX_DECODED_BYTES, MAX_PIXELS, ServeConfig
 
 log = logging.getLogger("cgil.serve")
-
-ADMIN_TOKEN_ENV = "CGIL_ADMIN_TOKEN"
-
-
-@dataclass
-class ServeConfig:
-    bundle: Path
-    backend: str = "auto"
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_queue: int = 256  # images waiting for the engine
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_images_per_request: int = 64
-    # A 224-px classifier gains nothing from more than ~8 MP; a small compressed body can declare a huge
-    # image, so pixels and decoded bytes (mode and bit depth count) are checked from the header.
-    max_pixels: int = 8_388_608  # per image (8 MP, e.g. 4096 x 2048; a JPEG counts at its draft scale)
-    max_decoded_bytes: int = 32 * 1024 * 1024  # per image, what the decoder produces (16-bit samples count twice)
-    max_request_pixels: int = 4 * 8_388_608  # over all images of one request
-    decode_slots: int = 0  # images decoded at once (0: one per core)
-    forwarded_allow_ips: Optional[str] = None  # proxies whose X-Forwarded-For is trusted (none by default)
-    admin_token: Optional[str] = None
-    admin_loopback: bool = True  # loopback peers may reload without the token
-    watch_interval_s: float = 0.25  # 0: no file watch (admin reload only)
-    threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
-
-    def check(self) -> None:
-        if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.max_body_bytes < 1:
-            raise CgilError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0")
-        if min(self.max_pixels, self.max_decoded_bytes, self.max_request_pixels) < 1 or self.decode_slots < 0:
-            raise CgilError("--max-pixels, --max-decoded-mb and --max-request-pixels must be positive")
 
 
 class Result(BaseModel):
@@ -95,8 +65,8 @@ class ReloadResponse(BaseModel):
 
 
 
-def decode_image(data: bytes, preprocess, what: str, max_pixels: int = 8_388_608,
-                 max_bytes: int = 32 * 1024 * 1024) -> np.ndarray:
+def decode_image(data: bytes, preprocess, what: str, max_pixels: int = MAX_PIXELS,
+                 max_bytes: int = MAX_DECODED_BYTES) -> np.ndarray:
     """Untrusted bytes -> the model's uint8 pixels, within the limits of runtime.images.open_bounded."""
     from .images import open_bounded
 
@@ -315,7 +285,7 @@ def create_app(cfg: ServeConfig, classifier=None):
 
 # ---------------------------------------------------------------- running it
 
-def make_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+def make_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "warning",
                 forwarded_allow_ips: Optional[str] = None):
     """uvicorn reads X-Forwarded-For only from the proxies named in `forwarded_allow_ips` (none by default)."""
     import uvicorn
@@ -339,7 +309,7 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
 
 
-def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(cfg: ServeConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info") -> None:
     return_freed_memory()
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(message)s")
     app = create_app(cfg)

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .artifacts import sha256_file
+from .artifacts import atomic_write_bytes, cache_root, sha256_file
 from .errors import CgilError
 from .format import IMAGE_INPUT
 
@@ -75,8 +74,7 @@ def gpu_name() -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("CGIL_CACHE") or Path.home() / ".cache" / "cgil"
-    return Path(root) / "tensorrt"
+    return cache_root("tensorrt")
 
 
 def cache_key(onnx_sha256: str, precision: str, image_hw: tuple[int, int], max_batch: int) -> dict[str, Any]:
@@ -126,13 +124,7 @@ def build_engine(onnx_path: Path, precision: str, image_hw: tuple[int, int], max
     if plan is None:
         raise CgilError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     data = bytes(plan)
-    _atomic_write(timing_path, bytes(config.get_timing_cache().serialize()))
-    _atomic_write(cached, data)
-    _atomic_write(cached.with_suffix(".json"), json.dumps(key, indent=2).encode())
+    atomic_write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))  # fsynced: a crash leaves old or new
+    atomic_write_bytes(cached, data)
+    atomic_write_bytes(cached.with_suffix(".json"), json.dumps(key, indent=2).encode())
     return data, key
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

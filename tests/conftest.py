@@ -1,7 +1,14 @@
-"""Shared fixtures. Every test runs offline on the CPU with a private feature cache."""
+"""Shared fixtures. Every test runs offline on the CPU with a private feature cache.
+
+Every fixture used by more than one test module lives here and nowhere else: pytest sees conftest
+fixtures in every module of tests/, so no module imports a fixture from another. An imported fixture
+is registered again in the importing module, and a session fixture registered in six modules is built
+six times (a train + export each); tests/test_suite.py fails on such an import.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,6 +39,7 @@ def tiny_config(**overrides):
     return cfg
 
 
+# ---- a trained run and its exported bundles (test_export, test_runtime, test_predict_cli, ...) ------
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished CGIL run on digits (5 tasks of 2 classes), shared by the tests that consume runs."""
@@ -41,3 +49,71 @@ def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "cgil"
     run(tiny_config(method="cgil"), out, reporter=Reporter(enabled=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(tiny_run, tmp_path_factory) -> Path:
+    from export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "fp32"
+    export_bundle(tiny_run, out, precision="fp32", max_batch=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(tiny_run, tmp_path_factory) -> Path:
+    from export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "int8"
+    export_bundle(tiny_run, out, precision="int8", text=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    from cgil.clip import create_clip
+
+    return create_clip("cgil-tiny", None, "cpu", 0)
+
+
+# ---- the device's bundle before an update (test_update, test_serve, test_hostile, ...) --------------
+@pytest.fixture(scope="session")
+def update_work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("update-work")
+
+
+@pytest.fixture(scope="session")
+def base_bundle(update_work) -> Path:
+    """digits 0-7 learned by CGIL (4 tasks of 2), exported: the device's bundle before any update."""
+    from benchmarks.serve import build_base_bundle
+
+    return build_base_bundle(update_work, generator="gauss", passes=2, epochs=2, max_batch=32)
+
+
+@pytest.fixture(scope="session")
+def new_digits(update_work) -> Path:
+    """DIR/eight/*.png, DIR/nine/*.png: 40 training images of each new class."""
+    from benchmarks.serve import write_digit_folders
+
+    return write_digit_folders(update_work / "new", (8, 9), splits=("train",), flat=True, limit=40)
+
+
+@pytest.fixture
+def bundle(base_bundle, tmp_path) -> Path:
+    """A private copy of base_bundle that a test may update, roll back or break."""
+    out = tmp_path / "bundle"
+    shutil.copytree(base_bundle, out)
+    return out
+
+
+# ---- test tiers (pyproject markers; `make test-fast` runs -m "not slow and not gpu") ---------------
+# A test that asks for one of these fixtures waits for a training run and an export (or a copy of one):
+# it is slow by what it needs, so it is marked here rather than by hand in each module.
+SLOW_FIXTURES = frozenset({"tiny_run", "fp32_bundle", "int8_bundle", "base_bundle", "bundle",
+                           "folder_run", "tiny_graphs", "device_venv"})  # the last three: module fixtures
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

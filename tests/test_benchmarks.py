@@ -16,6 +16,7 @@ def _load(out_dir, prefix):
     return doc
 
 
+@pytest.mark.slow
 def test_update_runs_tiny(tmp_path):
     from benchmarks import update
 
@@ -42,6 +43,7 @@ def test_the_speed_ceiling_counts_the_vae_parameters_the_fit_updates():
         assert vae_parameter_count(d, hidden, latent) == FlatVAE(d, hidden, latent).params.numel()
 
 
+@pytest.mark.slow
 def test_store_runs_tiny(tmp_path):
     from benchmarks import store
 
@@ -66,6 +68,7 @@ def test_store_bytes_of_default_vae():
     assert store_bytes(group.state_dict(), "int8", 2) < 1_000_000
 
 
+@pytest.mark.slow
 def test_accuracy_runs_tiny(tmp_path):
     from benchmarks import accuracy
 
@@ -88,6 +91,7 @@ def test_cli_lists_benchmarks():
         assert name in result.output
 
 
+@pytest.mark.slow
 def test_accuracy_runs_on_a_folder_dataset(tmp_path):
     import numpy as np
     from PIL import Image
@@ -110,6 +114,7 @@ def test_accuracy_runs_on_a_folder_dataset(tmp_path):
     assert doc["meta"]["settings"]["dataset"].startswith("folder:") and len(doc["rows"]) == 2
 
 
+@pytest.mark.slow
 def test_alignment_runs_tiny(tmp_path):
     from benchmarks import alignment
 

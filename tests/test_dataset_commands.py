@@ -47,6 +47,7 @@ def test_data_check_missing_dataset_exits_2(tmp_path):
     assert res.exit_code == 2 and "images.txt" in res.output
 
 
+@pytest.mark.slow
 def test_train_runs_on_a_benchmark_layout(tmp_path):
     """A paper benchmark goes through the whole pipeline (ISIC layout, 3 tasks of 2)."""
     from cgil.config import TrainConfig

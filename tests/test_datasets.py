@@ -110,6 +110,7 @@ def test_imagenet_r_shipped_reference_split():
     assert all(e.endswith(".jpg") for e in entries)
 
 
+@pytest.mark.slow
 def test_imagenet_r_reference_split_on_disk(tmp_path):
     """The shipped 6,000-image test list against a copy holding those files plus one more image per class."""
     from cgil.data.commands import check_report

@@ -58,6 +58,7 @@ def test_batch_shards_cover_items_on_batch_boundaries():
             assert all(start % BATCH == 0 for start, stop in spans if stop > start)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_single_process(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 
@@ -98,6 +99,7 @@ def test_two_gloo_processes_equal_single_process(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("CGIL_TEST_TORCHRUN") != "1",
                     reason="starts 3 fresh Python processes (~30 s on 2 cores); set CGIL_TEST_TORCHRUN=1")
+@pytest.mark.slow
 def test_torchrun_cli_train(tmp_path):
     """The documented entry: `torchrun --nproc-per-node 2 -m cli train ...` finishes and caches each task once."""
     import subprocess

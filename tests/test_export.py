@@ -2,40 +2,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
 from runtime.errors import CgilError
-
-
-# ---- shared session fixtures (test_runtime.py and test_predict_cli.py import them) -----------------
-@pytest.fixture(scope="session")
-def fp32_bundle(tiny_run, tmp_path_factory) -> Path:
-    from export.bundle import export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "fp32"
-    export_bundle(tiny_run, out, precision="fp32", max_batch=8)
-    return out
-
-
-@pytest.fixture(scope="session")
-def int8_bundle(tiny_run, tmp_path_factory) -> Path:
-    from export.bundle import export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "int8"
-    export_bundle(tiny_run, out, precision="int8", text=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_clip():
-    from cgil.clip import create_clip
-
-    return create_clip("cgil-tiny", None, "cpu", 0)
 
 
 def test_images(n: int | None = None) -> list:
@@ -224,6 +196,7 @@ def test_tensorrt_export_without_tensorrt_says_what_to_install(tiny_run, tmp_pat
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _tensorrt_ready(), reason="needs tensorrt + cuda-python and an NVIDIA GPU")
 def test_tensorrt_engine_matches_onnxruntime(tiny_run, tmp_path, monkeypatch):  # pragma: no cover - GPU only
     monkeypatch.setenv("CGIL_CACHE", str(tmp_path / "cache"))

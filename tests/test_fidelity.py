@@ -17,6 +17,7 @@ def synthetic_reference(path):
     return path
 
 
+@pytest.mark.slow
 def test_fidelity_quick_writes_replay_and_end_to_end_tables(tmp_path):
     from benchmarks import fidelity
 

@@ -14,7 +14,6 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 from test_serve import running_server  # noqa: E402
-from test_update import base_bundle, update_work  # noqa: E402,F401  (shared fixtures)
 
 # per operation and mode (valid, invalid): the classify body is where the input space is
 EXAMPLES = {"/v1/classify": 250, "/v1/admin/reload": 50}

@@ -21,7 +21,8 @@ DIAGONAL_TOLERANCE = {"gauss": (0.2, 0.1), "mog": (0.2, 0.15), "diffusion": (0.5
 DIAGONAL_BUDGET = {"gauss": {}, "mog": {}, "diffusion": dict(passes=200, diffusion_hidden=128, lr=1e-3)}
 
 
-@pytest.mark.parametrize("kind", sorted(DIAGONAL_TOLERANCE))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "diffusion" else k
+                                  for k in sorted(DIAGONAL_TOLERANCE)])
 def test_generator_recovers_known_diagonal_gaussian(kind):
     feats, means, stds = gaussian_classes()
     gen = make_generators(GeneratorConfig(kind=kind, **DIAGONAL_BUDGET[kind]), [4, 9], D)
@@ -52,6 +53,7 @@ def fit_low_rank_vae(objective):
     return x, mean, gen.sample(4000, torch.Generator().manual_seed(1))[0]
 
 
+@pytest.mark.slow
 def test_textbook_vae_recovers_low_rank_gaussian():
     """The VAE decodes means (unit-variance likelihood on z-scores), so it models the structured part
     of a distribution: a rank-3 Gaussian plus small noise, like correlated CLIP embeddings. The textbook
@@ -62,6 +64,7 @@ def test_textbook_vae_recovers_low_rank_gaussian():
     assert (torch.cov(s.T) - cov).norm() / cov.norm() < 0.4
 
 
+@pytest.mark.slow
 def test_reference_vae_objective_keeps_more_variance_than_textbook():
     """The reference's objective (z = mu + exp(s) eps, KL 0.5 sum(exp(s) + mu^2 - 1 - s)) penalises the
     posterior spread less than the true KL: its replay keeps more variance. Same data, seed and budget."""
@@ -178,7 +181,7 @@ def test_batched_adam_matches_torch_adam_per_class(weight_decay):
     singles = [torch.nn.Parameter(w[k].clone()) for k in range(3)]
     torch_cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
     opts = [torch_cls([p], lr=lr, weight_decay=weight_decay) for p, lr in zip(singles, (1e-2, 3e-3))]
-    for it in range(100):
+    for _ in range(100):
         grad = torch.randn(3, 5, 4, generator=g)
         batched.grad = grad.clone()
         opt.step(torch.tensor([1e-2, 3e-3, 0.0]))

@@ -52,6 +52,7 @@ def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch)
     assert rows[0]["note"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
 
 
+@pytest.mark.slow
 def test_cpu_smoke_run_of_the_torch_steps(tmp_path):
     """The part-1 torch steps at toy sizes on the CPU: the code a GPU machine will run, minus CUDA."""
     from benchmarks import gpu

@@ -20,7 +20,7 @@ import pytest
 
 from runtime.errors import CgilError
 from test_serve import digit_png, post_image, running_server
-from test_update import ROOT, base_bundle, bundle, cli, current, new_digits, update_work  # noqa: F401
+from test_update import ROOT, cli, current
 
 HEADS = "heads"
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from test_serve import digit_png, post_image, running_server
-from test_update import ROOT, base_bundle, bundle, new_digits, update_work  # noqa: F401  (shared fixtures)
+from test_update import ROOT
 
 
 def png(width: int, height: int, bit_depth: int, color_type: int) -> bytes:

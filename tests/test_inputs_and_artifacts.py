@@ -42,6 +42,7 @@ def make_folder(root, per_class=4):
     return root
 
 
+@pytest.mark.slow
 def test_folder_dataset_reads_layout_and_trains_end_to_end(tmp_path):
     root = make_folder(tmp_path / "data")
     ds = get_dataset(f"folder:{root}")
@@ -88,6 +89,7 @@ def test_unreadable_image_names_the_file(tmp_path):
         task_features(clip, ds, "train", [0], cache_dir=None)
 
 
+@pytest.mark.slow
 def test_local_checkpoint_file_loads_exactly_those_weights(tmp_path):
     source = create_clip("cgil-tiny", seed=0)
     ckpt = tmp_path / "tiny.pt"

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from test_export import fp32_bundle  # noqa: F401  (shared session fixture)
-
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_WHEEL_DIRS = ("/opt/pypi/files", "/opt/pypi-more/files", "/opt/wheels")
 SOURCES = ("pyproject.toml", "README.md", "cli.py", "cgil", "export", "runtime", "benchmarks")

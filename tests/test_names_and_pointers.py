@@ -1,6 +1,6 @@
 """Names that print alike, pointers and records edited by hand, a full disk, admin credentials (issue 17).
 
-Real bundles (the session fixtures of test_update.py), real `cgil` processes, a real server on loopback.
+Real bundles (the session fixtures of conftest.py), real `cgil` processes, a real server on loopback.
 Every test here failed on the code before the fix:
 invisible and look-alike class names were accepted; a hand-edited heads/CURRENT let the next update
 prune the version serving; a huge heads/NEWEST or a malformed manifest entry was an internal error; a
@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +21,7 @@ import pytest
 from runtime.errors import CgilError
 from test_hostile import HEADS, rewrite_manifest, versions
 from test_serve import running_server
-from test_update import ROOT, base_bundle, bundle, cli, current, new_digits, update_work  # noqa: F401
+from test_update import ROOT, cli, current
 
 ZWSP, BOM, SOFT_HYPHEN, CYRILLIC_O = "\u200b", "\ufeff", "\u00ad", "\u043e"
 

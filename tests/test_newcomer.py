@@ -16,8 +16,6 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from test_export import fp32_bundle  # noqa: F401  (shared session fixture)
-from test_update import base_bundle, bundle, new_digits, update_work  # noqa: F401  (shared fixtures)
 
 
 def _app():

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from test_export import fp32_bundle  # noqa: F401  (shared session fixture)
 from conftest import BLOCK_TORCH
 
 

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cgil.generators.gauss import GaussGenerators
@@ -43,6 +42,7 @@ def test_a_collapsed_replay_is_flagged_and_a_faithful_one_is_not():
     assert not faithful["collapsed"] and faithful["variance_ratio"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_run_records_replay_quality_and_info_flags_a_collapsed_generator(tmp_path, monkeypatch):
     """Gauss generators whose class 0 is collapsed to its mean (std 0): the run's metrics.json and
     `cgil info` flag exactly that class; the healthy classes' replay keeps about all the variance."""
@@ -74,6 +74,7 @@ def test_run_records_replay_quality_and_info_flags_a_collapsed_generator(tmp_pat
     assert summary["per_class"] == quality
 
 
+@pytest.mark.slow
 def test_replay_quality_does_not_change_results(tmp_path, monkeypatch):
     """Measuring replay draws from its own RNG: a run's accuracies are the same with it switched off."""
     from cgil.learner import Learner

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from runtime.errors import CgilError
-from test_export import fp32_bundle, int8_bundle, test_images, tiny_clip  # noqa: F401  (shared session fixtures)
+from test_export import test_images
 from conftest import BLOCK_TORCH
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,6 @@ OpenAPI schema, and no torch on the serving path.
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import sys
 import threading
@@ -16,9 +15,6 @@ from typing import Iterator
 
 import httpx
 import numpy as np
-import pytest
-
-from test_update import base_bundle, bundle, new_digits, update_work  # noqa: F401  (shared fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -130,6 +130,7 @@ def test_sampled_negatives_hold_the_batch_classes_and_distinct_others(clip):
     assert not set(rows[3:].tolist()) & {2, 7, 9}
 
 
+@pytest.mark.slow
 def test_alignment_with_sampled_negatives_separates_many_classes(clip):
     """Sampled softmax (AlignConfig.negatives): each step sees its batch's classes and 2 others out of 12,
     yet the keys learned classify all 12 well-separated clusters."""

@@ -77,6 +77,7 @@ def test_existing_run_is_not_overwritten_without_resume(tiny_run):
     assert (tiny_run / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_zeroshot_and_joint_baselines_run(tmp_path):
     zs = run(tiny_config(method="zeroshot"), tmp_path / "zs", reporter=QUIET)
     joint = run(tiny_config(method="joint"), tmp_path / "joint", reporter=QUIET)
@@ -116,6 +117,7 @@ def test_cli_eval_and_info(tiny_run):
     assert f"{final:.2f}" in evaluated.output  # re-evaluation reproduces the saved final accuracy
 
 
+@pytest.mark.slow
 def test_cli_generator_options_reach_the_saved_config(tmp_path):
     import json
 

@@ -25,35 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--epochs", "2", "--passes", "2"]
 
 
-# ---- shared session fixtures (test_serve.py imports them) ------------------------------------------
-@pytest.fixture(scope="session")
-def update_work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("update-work")
-
-
-@pytest.fixture(scope="session")
-def base_bundle(update_work) -> Path:
-    """digits 0-7 learned by CGIL (4 tasks of 2), exported: the device's bundle before any update."""
-    from benchmarks.serve import build_base_bundle
-
-    return build_base_bundle(update_work, generator="gauss", passes=2, epochs=2, max_batch=32)
-
-
-@pytest.fixture(scope="session")
-def new_digits(update_work) -> Path:
-    """DIR/eight/*.png, DIR/nine/*.png: 40 training images of each new class."""
-    from benchmarks.serve import write_digit_folders
-
-    return write_digit_folders(update_work / "new", (8, 9), splits=("train",), flat=True, limit=40)
-
-
-@pytest.fixture
-def bundle(base_bundle, tmp_path) -> Path:
-    out = tmp_path / "bundle"
-    shutil.copytree(base_bundle, out)
-    return out
-
-
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     if check and out.returncode != 0:

@@ -7,12 +7,12 @@ from typing import Sequence
 import torch
 
 from runtime.errors import CgilError
+from ..choices import MOG_ESTEPS
 from .base import ClassGenerators, Progress
 from .layers import class_generators, pad_features
 
 _KMEANS_STEPS = 30
 _REG_VAR = 1e-6  # added to every variance, as scikit-learn's reg_covar
-MOG_ESTEPS = ("exact", "reference")
 
 
 def _log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, estep: str = "exact") -> torch.Tensor:

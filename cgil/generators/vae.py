@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.errors import CgilError
+from ..choices import VAE_OBJECTIVES
 from .base import TrainedGenerators, randn_per_class
 from .layers import BatchedBatchNorm, BatchedLinear
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-VAE_OBJECTIVES = ("reference", "textbook")
 
 
 class _Decoder(nn.Module):
