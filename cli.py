@@ -6,6 +6,7 @@ cgil/, export/ or runtime/ imports it.
 """
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 import time
@@ -20,6 +21,7 @@ from runtime.console import console, guarded
 from runtime.errors import CgilError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every sub-command
                   help="Continual learning for a frozen CLIP (CGIL): train, export, serve, update.")
 
 
@@ -33,6 +35,7 @@ SAVED_FLAGS = {"dataset": "dataset", "data_dir": "data_dir", "preset": "preset",
                "mog_estep": "generator.mog_estep"}
 VAE_OBJECTIVES = ("reference", "textbook")  # cgil.generators.vae.VAE_OBJECTIVES, checked before torch loads
 MOG_ESTEPS = ("exact", "reference")
+GENERATOR_KINDS = ("vae", "mog", "gauss", "diffusion")  # cgil.generators.GENERATORS, checked before torch loads
 
 
 def _close(word: str, choices, what: str) -> None:
@@ -62,6 +65,56 @@ def _saved_settings(config: Optional[Path], out: Optional[Path], resume: bool) -
         settings = read_json(out / inside[0] / "config.json")["settings"]
         return settings, inside
     raise CgilError(f"nothing to resume in {out}: no config.json (start it without --resume)")
+
+
+def _absolute_paths(values: dict, typed: set[str]) -> None:
+    """Paths typed now are made absolute, so that config.json, `--resume`, `--config` and `cgil eval`
+    work from any directory; values read back from a saved run are kept exactly as saved (resume compares them)."""
+    from cgil.checks import looks_like_path
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    if "dataset" in typed and values["dataset"].startswith("folder:"):
+        values["dataset"] = "folder:" + absolute(values["dataset"][len("folder:"):])
+    if "data_dir" in typed and values["data_dir"]:
+        values["data_dir"] = absolute(values["data_dir"])
+    if "pretrained" in typed and values["pretrained"] and looks_like_path(values["pretrained"]):
+        values["pretrained"] = absolute(values["pretrained"])
+
+
+def _refuse_finished_run(out: Optional[Path], methods: list[str], resume: bool) -> None:
+    """An --out that already holds a run, refused before the dataset scan (prepare() checks again)."""
+    if resume or out is None:
+        return
+    for m in methods:
+        run_dir = out / m if len(methods) > 1 else out
+        if (run_dir / "state" / "CURRENT").exists():
+            raise CgilError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it unwinds exactly as Ctrl-C does (exit 143, not 130)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a `kill`, a job scheduler, a container stop) ends training like Ctrl-C: with the resume hint."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _lookup(settings: dict, dotted: str):
@@ -127,55 +180,66 @@ def train(
         values["method"] = "all" if len(saved_methods) > 1 else saved_methods[0]
     _close(values["method"], TRAIN_METHODS, "method")
     _close(str(values["device"]).split(":")[0], TRAIN_DEVICES, "device")
+    _close(values["generator"], GENERATOR_KINDS, "generator")
     if values["vae_objective"] is not None:
         _close(values["vae_objective"], VAE_OBJECTIVES, "VAE objective")
     if values["mog_estep"] is not None:
         _close(values["mog_estep"], MOG_ESTEPS, "MoG E-step")
+    from cgil.checks import check_numbers, check_pretrained
     from cgil.data import check_dataset_name  # torch-free: a wrong name fails before torch loads
 
     check_dataset_name(values["dataset"])
+    check_numbers(values)
+    if values["dataset"].startswith("folder:"):  # the layout from directory listings, before torch loads
+        from cgil.data.folder import folder_layout
+
+        folder_layout(values["dataset"][len("folder:"):], values["val_split"])
+    check_pretrained(values["pretrained"])
+    _absolute_paths(values, given if saved else set(SAVED_FLAGS))
+    _refuse_finished_run(out, list(TRAIN_METHODS[:-1]) if values["method"] == "all" else [values["method"]], resume)
 
     from cgil import distributed
     from cgil.config import METHODS, TrainConfig
     from cgil.progress import Reporter
-    from cgil.report import matrix_table, summary_table, write_comparison
+    from cgil.report import dataset_label, matrix_table, summary_table, write_comparison
     from cgil.train import resolve_device, run
 
     overrides = {k: values[k] for k in ("epochs", "lr", "passes", "val_split") if values[k] is not None}
     device = resolve_device(values["device"])
     distributed.init_from_env(device)
     main = distributed.is_main()
-    out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = (out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).absolute()  # hints work from anywhere
     reporter = Reporter(enabled=not quiet and main)
     methods = list(METHODS) if values["method"] == "all" else [values["method"]]
     if main:
         console.print(f"run directory: {out}")
     results, start = {}, time.perf_counter()
     try:
-        for m in methods:
-            if saved:  # the saved settings whole (n_ctx, batch sizes...), then the flags typed now
-                cfg = TrainConfig.from_dict(saved)
-                cfg.method, cfg.device = m, device
-                for flag in given - {"method", "device"}:
-                    _assign(cfg, SAVED_FLAGS[flag], values[flag])
-            else:
-                cfg = TrainConfig.for_dataset(values["dataset"], preset=values["preset"], data_dir=values["data_dir"],
-                                              model=values["model"], pretrained=values["pretrained"], method=m,
-                                              generator=values["generator"], tasks=values["tasks"],
-                                              seed=values["seed"], device=device, **overrides)
-                for flag in ("vae_objective", "mog_estep"):
-                    if values[flag] is not None:
+        with _sigterm_as_interrupt():
+            for m in methods:
+                if saved:  # the saved settings whole (n_ctx, batch sizes...), then the flags typed now
+                    cfg = TrainConfig.from_dict(saved)
+                    cfg.method, cfg.device = m, device
+                    for flag in given - {"method", "device"}:
                         _assign(cfg, SAVED_FLAGS[flag], values[flag])
-            metrics = run(cfg, out / m if len(methods) > 1 else out, resume=resume, reporter=reporter, strict=strict)
-            results[m] = metrics
-            if len(methods) == 1 and main:
-                console.print(matrix_table(metrics["accuracy_matrix"], f"{m}: class-IL accuracy matrix (%)"))
-    except KeyboardInterrupt:
+                else:
+                    cfg = TrainConfig.for_dataset(values["dataset"], preset=values["preset"], data_dir=values["data_dir"],
+                                                  model=values["model"], pretrained=values["pretrained"], method=m,
+                                                  generator=values["generator"], tasks=values["tasks"],
+                                                  seed=values["seed"], device=device, **overrides)
+                    for flag in ("vae_objective", "mog_estep"):
+                        if values[flag] is not None:
+                            _assign(cfg, SAVED_FLAGS[flag], values[flag])
+                metrics = run(cfg, out / m if len(methods) > 1 else out, resume=resume, reporter=reporter, strict=strict)
+                results[m] = metrics
+                if len(methods) == 1 and main:
+                    console.print(matrix_table(metrics["accuracy_matrix"], f"{m}: class-IL accuracy matrix (%)"))
+    except KeyboardInterrupt as e:
         if main:
             again = f"cgil train --out {shlex.quote(str(out))} --resume"
             Console(stderr=True, markup=False, highlight=False, soft_wrap=True).print(
                 f"interrupted; finished tasks are saved. Continue with: {again}")
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=143 if isinstance(e, Terminated) else 130)
     finally:
         distributed.shutdown()
     if not main:
@@ -183,7 +247,7 @@ def train(
     if len(methods) > 1:
         write_comparison(out, results)
     weights = "random weights" if not values["pretrained"] else values["pretrained"]
-    console.print(summary_table(results, f"{values['dataset']} · {values['model']} · {weights}"))
+    console.print(summary_table(results, f"{dataset_label(values['dataset'])} · {values['model']} · {weights}"))
     console.print(f"done in {time.perf_counter() - start:.1f}s; results in {out}")
 
 
