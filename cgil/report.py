@@ -36,7 +36,9 @@ def heatmap_png(matrix: Sequence[Sequence[Optional[float]]], title: str,
     data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     n = data.shape[0]
     labels = list(task_labels) if task_labels else [str(k + 1) for k in range(n)]
-    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * n if task_labels else 1.0 + 0.6 * n, 0.8 + 0.55 * n), dpi=120)
+    # named tasks need room for their labels: rotated under the x axis, left of the y axis
+    size = (3.2 + 0.6 * n, 2.4 + 0.55 * n) if task_labels else (1.0 + 0.6 * n, 0.8 + 0.55 * n)
+    fig, ax = plt.subplots(figsize=size, dpi=120)
     im = ax.imshow(data, vmin=0, vmax=100, cmap="viridis")
     for (i, j), v in np.ndenumerate(data):
         if not np.isnan(v):
