@@ -166,8 +166,9 @@ def create_clip(
             if load is None:
                 raise
             reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:200] or type(e).__name__
-            if "weights_only" in reason:  # torch's advice to unpickle untrusted code is not ours to repeat
-                reason = "not a file written by torch.save"
+            if "weights_only" in str(e) or "Weights only load failed" in str(e):
+                # torch's advice to unpickle with weights_only=False runs the file's code: not ours to repeat
+                reason = "not a torch.save file of tensors only"
             if Path(load).is_file():
                 raise CgilError(f"--pretrained {load}: cannot load this file into {model} ({type(e).__name__}: "
                                 f"{reason}); it must be an open_clip checkpoint or torch.save(model.state_dict()) "

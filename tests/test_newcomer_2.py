@@ -241,12 +241,17 @@ print(json.dumps(out))
 
 
 def test_a_text_file_as_pretrained_gives_no_pickle_advice(tmp_path):
-    """Past the CLI's sniff (a .pt of binary junk), torch's weights_only=False advice is not repeated."""
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"\x80\x04junk that is not a pickle of tensors")
-    result = invoke("train", "--quiet", "--pretrained", junk, "--out", tmp_path / "r")
-    assert_one_line_error(result, 2, "cannot load this file into cgil-tiny")
-    assert "weights_only" not in result.output
+    """Past the CLI's sniff (a torch.save file holding other objects than tensors), torch's advice to load
+    it with weights_only=False (which runs the file's code) is not repeated."""
+    import fractions
+
+    import torch
+
+    other = tmp_path / "objects.pt"
+    torch.save({"scale": fractions.Fraction(1, 3)}, other)
+    result = invoke("train", "--quiet", "--pretrained", other, "--out", tmp_path / "r")
+    assert_one_line_error(result, 2, "cannot load this file into cgil-tiny", "not a torch.save file of tensors only")
+    assert "weights_only" not in result.output and "\\u001b" not in result.output
 
 
 # ---------------------------------------------------------------- item 16: small classes do not collapse
