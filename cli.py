@@ -67,32 +67,6 @@ def _saved_settings(config: Optional[Path], out: Optional[Path], resume: bool) -
     raise CgilError(f"nothing to resume in {out}: no config.json (start it without --resume)")
 
 
-def _absolute_paths(values: dict, typed: set[str]) -> None:
-    """Paths typed now are made absolute, so that config.json, `--resume`, `--config` and `cgil eval`
-    work from any directory; values read back from a saved run are kept exactly as saved (resume compares them)."""
-    from cgil.checks import looks_like_path
-
-    def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve())
-
-    if "dataset" in typed and values["dataset"].startswith("folder:"):
-        values["dataset"] = "folder:" + absolute(values["dataset"][len("folder:"):])
-    if "data_dir" in typed and values["data_dir"]:
-        values["data_dir"] = absolute(values["data_dir"])
-    if "pretrained" in typed and values["pretrained"] and looks_like_path(values["pretrained"]):
-        values["pretrained"] = absolute(values["pretrained"])
-
-
-def _refuse_finished_run(out: Optional[Path], methods: list[str], resume: bool) -> None:
-    """An --out that already holds a run, refused before the dataset scan (prepare() checks again)."""
-    if resume or out is None:
-        return
-    for m in methods:
-        run_dir = out / m if len(methods) > 1 else out
-        if (run_dir / "state" / "CURRENT").exists():
-            raise CgilError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so that it unwinds exactly as Ctrl-C does (exit 143, not 130)."""
 
@@ -185,7 +159,7 @@ def train(
         _close(values["vae_objective"], VAE_OBJECTIVES, "VAE objective")
     if values["mog_estep"] is not None:
         _close(values["mog_estep"], MOG_ESTEPS, "MoG E-step")
-    from cgil.checks import check_numbers, check_pretrained
+    from cgil.checks import absolute_paths, check_numbers, check_pretrained, refuse_finished_run
     from cgil.data import check_dataset_name  # torch-free: a wrong name fails before torch loads
 
     check_dataset_name(values["dataset"])
@@ -195,8 +169,8 @@ def train(
 
         folder_layout(values["dataset"][len("folder:"):], values["val_split"])
     check_pretrained(values["pretrained"])
-    _absolute_paths(values, given if saved else set(SAVED_FLAGS))
-    _refuse_finished_run(out, list(TRAIN_METHODS[:-1]) if values["method"] == "all" else [values["method"]], resume)
+    absolute_paths(values, given if saved else set(SAVED_FLAGS))
+    refuse_finished_run(out, list(TRAIN_METHODS[:-1]) if values["method"] == "all" else [values["method"]], resume)
 
     from cgil import distributed
     from cgil.config import METHODS, TrainConfig

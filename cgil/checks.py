@@ -1,6 +1,7 @@
 """Checks of `cgil train` arguments that need no torch: run before anything heavy is imported or scanned.
 
-A wrong flag costs the user a second, not the torch import and a dataset scan (issue 17, item 15).
+A wrong flag costs the user a second, not the torch import and a dataset scan (issue 17, item 15). The
+paths typed are made absolute here too, so that a run can be resumed from any directory (item 11).
 """
 from __future__ import annotations
 
@@ -59,3 +60,28 @@ def check_numbers(values: dict) -> None:
     split = values.get("val_split")
     if split is not None and not 0 < split < 1:
         raise CgilError(f"--val-split must be a fraction between 0 and 1, got {split}")
+
+
+def absolute_paths(values: dict, typed: set[str]) -> None:
+    """Paths typed now are made absolute, so that config.json, `--resume`, `--config` and `cgil eval`
+    work from any directory; values read back from a saved run are kept exactly as saved (resume compares them)."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    if "dataset" in typed and values["dataset"].startswith("folder:"):
+        values["dataset"] = "folder:" + absolute(values["dataset"][len("folder:"):])
+    if "data_dir" in typed and values["data_dir"]:
+        values["data_dir"] = absolute(values["data_dir"])
+    if "pretrained" in typed and values["pretrained"] and looks_like_path(values["pretrained"]):
+        values["pretrained"] = absolute(values["pretrained"])
+
+
+def refuse_finished_run(out: Optional[Path], methods: list[str], resume: bool) -> None:
+    """An --out that already holds a run, refused before the dataset scan (prepare() checks again)."""
+    if resume or out is None:
+        return
+    for m in methods:
+        run_dir = out / m if len(methods) > 1 else out
+        if (run_dir / "state" / "CURRENT").exists():
+            raise CgilError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")

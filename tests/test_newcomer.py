@@ -79,10 +79,11 @@ def test_pretrained_files_that_are_not_checkpoints_fail_in_one_line(tmp_path):
     state["positional_embedding"] = torch.zeros(10, state["positional_embedding"].shape[1] + 8)
     wrong_arch = tmp_path / "other-architecture.pt"
     torch.save(state, wrong_arch)
-    for path in (text, other, wrong_arch):
+    for path, needle in ((text, "is a text file, not a checkpoint"), (other, "cannot load this file into cgil-tiny"),
+                         (wrong_arch, "cannot load this file into cgil-tiny")):
         out = tmp_path / "run"
         result = invoke("train", "--quiet", "--pretrained", path, "--out", out)
-        assert_one_line_error(result, 2, str(path), "cannot load this file into cgil-tiny")
+        assert_one_line_error(result, 2, str(path), needle)
         assert not out.exists(), "a refused run must leave no run directory"
 
 

@@ -240,6 +240,13 @@ print(json.dumps(out))
     assert time.perf_counter() - start < 60
 
 
+def test_the_cli_knows_every_generator_without_importing_them():
+    from cgil.generators import GENERATORS
+    from cli import GENERATOR_KINDS
+
+    assert GENERATOR_KINDS == tuple(GENERATORS)
+
+
 def test_a_text_file_as_pretrained_gives_no_pickle_advice(tmp_path):
     """Past the CLI's sniff (a torch.save file holding other objects than tensors), torch's advice to load
     it with weights_only=False (which runs the file's code) is not repeated."""
@@ -292,3 +299,5 @@ def test_the_collapse_warning_names_classes_and_what_to_try(relative_run):
     warning = next(line for line in log.splitlines() if "collapsed generator" in line)
     assert "'coins'" in warning or "'keys'" in warning
     assert "--passes, now 1" in warning and "--generator gauss" in warning and "more images" in warning
+    info = json.loads(invoke("info", run).output)["replay_quality"]
+    assert set(info["collapsed_class_names"]) <= {"coins", "keys"} and info["collapsed_class_names"]
