@@ -6,7 +6,6 @@ cgil/, export/ or runtime/ imports it.
 """
 from __future__ import annotations
 
-import contextlib
 import shlex
 import sys
 import time
@@ -71,24 +70,20 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so that it unwinds exactly as Ctrl-C does (exit 143, not 130)."""
 
 
-@contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM (a `kill`, a job scheduler, a container stop) ends training like Ctrl-C: with the resume hint."""
+    """SIGTERM (a `kill`, a job scheduler, a container stop) ends training like Ctrl-C: with the resume hint.
+    Returns the function that puts the previous handler back."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return lambda: None
 
     def interrupt(signum, frame):
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _lookup(settings: dict, dotted: str):
@@ -188,26 +183,26 @@ def train(
     if main:
         console.print(f"run directory: {out}")
     results, start = {}, time.perf_counter()
+    restore_sigterm = _sigterm_as_interrupt()
     try:
-        with _sigterm_as_interrupt():
-            for m in methods:
-                if saved:  # the saved settings whole (n_ctx, batch sizes...), then the flags typed now
-                    cfg = TrainConfig.from_dict(saved)
-                    cfg.method, cfg.device = m, device
-                    for flag in given - {"method", "device"}:
+        for m in methods:
+            if saved:  # the saved settings whole (n_ctx, batch sizes...), then the flags typed now
+                cfg = TrainConfig.from_dict(saved)
+                cfg.method, cfg.device = m, device
+                for flag in given - {"method", "device"}:
+                    _assign(cfg, SAVED_FLAGS[flag], values[flag])
+            else:
+                cfg = TrainConfig.for_dataset(values["dataset"], preset=values["preset"], data_dir=values["data_dir"],
+                                              model=values["model"], pretrained=values["pretrained"], method=m,
+                                              generator=values["generator"], tasks=values["tasks"],
+                                              seed=values["seed"], device=device, **overrides)
+                for flag in ("vae_objective", "mog_estep"):
+                    if values[flag] is not None:
                         _assign(cfg, SAVED_FLAGS[flag], values[flag])
-                else:
-                    cfg = TrainConfig.for_dataset(values["dataset"], preset=values["preset"], data_dir=values["data_dir"],
-                                                  model=values["model"], pretrained=values["pretrained"], method=m,
-                                                  generator=values["generator"], tasks=values["tasks"],
-                                                  seed=values["seed"], device=device, **overrides)
-                    for flag in ("vae_objective", "mog_estep"):
-                        if values[flag] is not None:
-                            _assign(cfg, SAVED_FLAGS[flag], values[flag])
-                metrics = run(cfg, out / m if len(methods) > 1 else out, resume=resume, reporter=reporter, strict=strict)
-                results[m] = metrics
-                if len(methods) == 1 and main:
-                    console.print(matrix_table(metrics["accuracy_matrix"], f"{m}: class-IL accuracy matrix (%)"))
+            metrics = run(cfg, out / m if len(methods) > 1 else out, resume=resume, reporter=reporter, strict=strict)
+            results[m] = metrics
+            if len(methods) == 1 and main:
+                console.print(matrix_table(metrics["accuracy_matrix"], f"{m}: class-IL accuracy matrix (%)"))
     except KeyboardInterrupt as e:
         if main:
             again = f"cgil train --out {shlex.quote(str(out))} --resume"
@@ -215,6 +210,7 @@ def train(
                 f"interrupted; finished tasks are saved. Continue with: {again}")
         raise typer.Exit(code=143 if isinstance(e, Terminated) else 130)
     finally:
+        restore_sigterm()
         distributed.shutdown()
     if not main:
         return
