@@ -359,7 +359,7 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str =
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads: a busy port or a wrong host is one line, at once."""
+    """The server's socket: a busy port or a wrong host is one line (uvicorn would log it and exit 1)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -386,13 +386,14 @@ def return_freed_memory() -> None:
 
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           on_ready: Optional[Callable[[str], None]] = None) -> None:
-    """Bind, load, warm up, then listen; `on_ready(url)` runs only then (a "serving on" line that is true)."""
+    """Load the bundle, bind, warm up, then listen; `on_ready(url)` runs only then (a "serving on" line that
+    is true). The bundle is read first, so that a wrong one is named whatever the port."""
     return_freed_memory()
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(message)s")
+    app = create_app(cfg)
     sock = listen(host, port)
     url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
     try:
-        app = create_app(cfg)
         ready = (lambda: on_ready(url)) if on_ready is not None else None
         make_server(app, host, port, log_level, cfg.forwarded_allow_ips, ready).run(sockets=[sock])
     finally:
