@@ -16,11 +16,12 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from cgil.choices import DEFAULT_SEED, METHODS, MOG_ESTEPS, VAE_OBJECTIVES  # torch-free: checked before torch loads
+from cgil.choices import DEFAULT_SEED, GENERATOR_KINDS, METHODS, MOG_ESTEPS, VAE_OBJECTIVES  # torch-free: checked before torch loads
 from runtime.console import console, guarded
 from runtime.errors import CgilError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every sub-command
                   help="Continual learning for a frozen CLIP (CGIL): train, export, serve, update.")
 
 
@@ -61,6 +62,26 @@ def _saved_settings(config: Optional[Path], out: Optional[Path], resume: bool) -
         settings = read_json(out / inside[0] / "config.json")["settings"]
         return settings, inside
     raise CgilError(f"nothing to resume in {out}: no config.json (start it without --resume)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it unwinds exactly as Ctrl-C does (exit 143, not 130)."""
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (a `kill`, a job scheduler, a container stop) ends training like Ctrl-C: with the resume hint.
+    Returns the function that puts the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _lookup(settings: dict, dotted: str):
@@ -126,30 +147,41 @@ def train(
         values["method"] = "all" if len(saved_methods) > 1 else saved_methods[0]
     _close(values["method"], TRAIN_METHODS, "method")
     _close(str(values["device"]).split(":")[0], TRAIN_DEVICES, "device")
+    _close(values["generator"], GENERATOR_KINDS, "generator")
     if values["vae_objective"] is not None:
         _close(values["vae_objective"], VAE_OBJECTIVES, "VAE objective")
     if values["mog_estep"] is not None:
         _close(values["mog_estep"], MOG_ESTEPS, "MoG E-step")
+    from cgil.checks import absolute_paths, check_numbers, check_pretrained, refuse_finished_run
     from cgil.data import check_dataset_name  # torch-free: a wrong name fails before torch loads
 
     check_dataset_name(values["dataset"])
+    check_numbers(values)
+    if values["dataset"].startswith("folder:"):  # the layout from directory listings, before torch loads
+        from cgil.data.folder import folder_layout
+
+        folder_layout(values["dataset"][len("folder:"):], values["val_split"])
+    check_pretrained(values["pretrained"])
+    absolute_paths(values, given if saved else set(SAVED_FLAGS))
+    refuse_finished_run(out, list(TRAIN_METHODS[:-1]) if values["method"] == "all" else [values["method"]], resume)
 
     from cgil import distributed
     from cgil.config import TrainConfig
     from cgil.progress import Reporter
-    from cgil.report import matrix_table, summary_table, write_comparison
+    from cgil.report import dataset_label, matrix_table, summary_table, write_comparison
     from cgil.train import resolve_device, run
 
     overrides = {k: values[k] for k in ("epochs", "lr", "passes", "val_split") if values[k] is not None}
     device = resolve_device(values["device"])
     distributed.init_from_env(device)
     main = distributed.is_main()
-    out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = (out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).absolute()  # hints work from anywhere
     reporter = Reporter(enabled=not quiet and main)
     methods = list(METHODS) if values["method"] == "all" else [values["method"]]
     if main:
         console.print(f"run directory: {out}")
     results, start = {}, time.perf_counter()
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         for m in methods:
             if saved:  # the saved settings whole (n_ctx, batch sizes...), then the flags typed now
@@ -169,20 +201,21 @@ def train(
             results[m] = metrics
             if len(methods) == 1 and main:
                 console.print(matrix_table(metrics["accuracy_matrix"], f"{m}: class-IL accuracy matrix (%)"))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if main:
             again = f"cgil train --out {shlex.quote(str(out))} --resume"
             Console(stderr=True, markup=False, highlight=False, soft_wrap=True).print(
                 f"interrupted; finished tasks are saved. Continue with: {again}")
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=143 if isinstance(e, Terminated) else 130) from None
     finally:
+        restore_sigterm()
         distributed.shutdown()
     if not main:
         return
     if len(methods) > 1:
         write_comparison(out, results)
     weights = "random weights" if not values["pretrained"] else values["pretrained"]
-    console.print(summary_table(results, f"{values['dataset']} · {values['model']} · {weights}"))
+    console.print(summary_table(results, f"{dataset_label(values['dataset'])} · {values['model']} · {weights}"))
     console.print(f"done in {time.perf_counter() - start:.1f}s; results in {out}")
 
 

@@ -23,6 +23,7 @@ import torch
 from runtime.artifacts import sha256_file
 from runtime.errors import CgilError
 from runtime.identity import ModelIdentity
+from .checks import CHECKPOINT_SUFFIXES
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)  # our shipped architectures (e.g. cgil-tiny) become open_clip names
@@ -70,7 +71,6 @@ def _resolve_weights(model: str, pretrained: Optional[str], seed: int) -> str:
     return f"tag:{pretrained}"
 
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 NO_WEIGHTS_HINT = ("give a local checkpoint file instead: --pretrained /path/to/weights.pt (an open_clip "
                    "checkpoint or torch.save(model.state_dict()) of this architecture)")
 
@@ -166,6 +166,9 @@ def create_clip(
             if load is None:
                 raise
             reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:200] or type(e).__name__
+            if "weights_only" in str(e) or "Weights only load failed" in str(e):
+                # torch's advice to unpickle with weights_only=False runs the file's code: not ours to repeat
+                reason = "not a torch.save file of tensors only"
             if Path(load).is_file():
                 raise CgilError(f"--pretrained {load}: cannot load this file into {model} ({type(e).__name__}: "
                                 f"{reason}); it must be an open_clip checkpoint or torch.save(model.state_dict()) "

@@ -22,7 +22,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # curve on digits (benchmarks/results/defaults-digits-*.md): 10-100 passes score within seed
     # noise of each other (32.6-34.9%) while CPU time grows with them, so 50; fewer than 20 epochs
     # lose points (5: 26.3%, 10: 29.9%, 20: 34.6%).
-    "folder": {"align": {"lr": 0.03, "epochs": 20}, "generator": {"passes": 50}},
+    # min_steps: 50 passes over a class that fits one batch are 50 VAE steps, too few (its replay collapses,
+    # issue 17 item 16); small classes get 300 steps, larger ones are unchanged. An explicit --passes wins.
+    "folder": {"align": {"lr": 0.03, "epochs": 20}, "generator": {"passes": 50, "min_steps": 300}},
     "imagenet-r": {"align": {"lr": 0.05, "epochs": 60}, "generator": {"passes": 500}},
     "cars196": {"align": {"lr": 0.03, "epochs": 60}, "generator": {"passes": 500}},
     "cub200": {"align": {"lr": 0.01, "epochs": 60}, "generator": {"passes": 500}},
@@ -89,6 +91,8 @@ class TrainConfig:
                 setattr(cfg.align, k, v)
             elif k in ("generator", "passes"):
                 setattr(cfg.generator, "kind" if k == "generator" else k, v)
+                if k == "passes":  # the passes asked for, exactly: no preset floor under them
+                    cfg.generator.min_steps = 0
             else:
                 setattr(cfg, k, v)
         return cfg

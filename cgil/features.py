@@ -135,6 +135,8 @@ def task_features(
     if distributed.is_distributed():
         cached = distributed.broadcast(cached)
     if cached is not None:
+        if progress:  # a full bar, not an empty "0/?" one, for a phase the cache answered
+            progress(len(part.labels), len(part.labels))
         return cached
     feats = embed_items(clip, part.items, batch_size, progress)
     labels = torch.from_numpy(part.labels.copy())

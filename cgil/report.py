@@ -25,7 +25,8 @@ def matrix_csv(matrix: Sequence[Sequence[Optional[float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def heatmap_png(matrix: Sequence[Sequence[Optional[float]]], title: str) -> bytes:
+def heatmap_png(matrix: Sequence[Sequence[Optional[float]]], title: str,
+                task_labels: Optional[Sequence[str]] = None) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,16 +35,36 @@ def heatmap_png(matrix: Sequence[Sequence[Optional[float]]], title: str) -> byte
 
     data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     n = data.shape[0]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n), dpi=120)
+    labels = list(task_labels) if task_labels else [str(k + 1) for k in range(n)]
+    # named tasks need room for their labels: rotated under the x axis, left of the y axis
+    size = (3.2 + 0.6 * n, 2.4 + 0.55 * n) if task_labels else (1.0 + 0.6 * n, 0.8 + 0.55 * n)
+    fig, ax = plt.subplots(figsize=size, dpi=120)
     im = ax.imshow(data, vmin=0, vmax=100, cmap="viridis")
     for (i, j), v in np.ndenumerate(data):
         if not np.isnan(v):
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < 60 else "black")
-    ax.set_xticks(range(n), [str(k + 1) for k in range(n)])
-    ax.set_yticks(range(n), [str(t + 1) for t in range(n)])
+    ax.set_xticks(range(n), labels, rotation=90 if task_labels else 0, fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training task")
     return _finish_png(fig, ax, im, title, fig.get_figwidth(), "accuracy (%)")
+
+
+def task_labels(tasks: Sequence[Sequence[int]], classnames: Sequence[str], shown: int = 3) -> list[str]:
+    """`T1: coins, keys` per task: which classes each row and column of the matrix is about."""
+    out = []
+    for k, classes in enumerate(tasks):
+        names = [classnames[c] for c in classes[:shown]]
+        more = f" +{len(classes) - shown}" if len(classes) > shown else ""
+        out.append(f"T{k + 1}: " + ", ".join(n if len(n) <= 18 else n[:17] + "…" for n in names) + more)
+    return out
+
+
+def dataset_label(dataset: str) -> str:
+    """`folder:photos` for `folder:/home/someone/photos`: a title names the dataset, not where it lives."""
+    if dataset.startswith("folder:"):
+        return "folder:" + (Path(dataset[len("folder:"):]).name or dataset[len("folder:"):])
+    return dataset
 
 
 def _finish_png(fig, ax, im, title: str, width_in: float, colorbar_label: str) -> bytes:
@@ -128,8 +149,12 @@ def write_class_report(out: Path, classnames: Sequence[str], labels: Sequence[in
 def write_run_report(out: Path, metrics: dict[str, Any]) -> None:
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "accuracy_matrix.csv", matrix_csv(metrics["accuracy_matrix"]))
-    title = f"{metrics['method']} class-IL accuracy ({metrics['dataset']}, {metrics['model']})"
-    atomic_write_bytes(out / "accuracy_matrix.png", heatmap_png(metrics["accuracy_matrix"], title))
+    labels = task_labels(metrics["tasks"], metrics["class_names"]) if metrics.get("tasks") else None
+    atomic_write_bytes(out / "accuracy_matrix.png", heatmap_png(metrics["accuracy_matrix"], matrix_title(metrics), labels))
+
+
+def matrix_title(metrics: dict[str, Any]) -> str:
+    return f"{metrics['method']} class-IL accuracy ({dataset_label(metrics['dataset'])}, {metrics['model']})"
 
 
 def _fmt(v: Any) -> str:
@@ -167,4 +192,33 @@ def write_comparison(out: Path, results: dict[str, dict[str, Any]]) -> dict[str,
     for name, m in results.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k, _ in SUMMARY_KEYS) + " |")
     atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")
+    atomic_write_bytes(out / "comparison.png", comparison_png(results))
     return comparison
+
+
+def comparison_png(results: dict[str, dict[str, Any]]) -> bytes:
+    """`--method all`: each method's class-IL accuracy over the tasks seen so far, after every task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    for name, m in results.items():
+        curve = [sum(v for v in row if v is not None) / max(1, sum(v is not None for v in row))
+                 for row in m["accuracy_matrix"]]
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=f"{name} ({_fmt(m.get('final_avg_acc'))})")
+    first = next(iter(results.values()))
+    ax.set_xticks(range(1, len(first["accuracy_matrix"]) + 1))
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("average class-IL accuracy over seen tasks (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    title = f"{dataset_label(str(first.get('dataset', '')))}, {first.get('model', '')}: methods compared"
+    ax.set_title(wrap_title(title, 6.0, 9), fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

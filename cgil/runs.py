@@ -113,11 +113,11 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "bytes": sizes,
         "bytes_total": sum(sizes.values()),
         "replay_store_bytes_per_class": sizes.get("store.safetensors", 0) / n,
-        "replay_quality": replay_quality_summary(current),
+        "replay_quality": replay_quality_summary(current, config.get("class_names")),
     }
 
 
-def replay_quality_summary(current: Path) -> Optional[dict[str, Any]]:
+def replay_quality_summary(current: Path, class_names: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     """Per fitted class: variance ratio and Frechet distance of its replay against its real features
     (recorded at fit time), the means, and the classes whose replay collapsed. None for runs without
     generators or written before this was recorded."""
@@ -133,5 +133,7 @@ def replay_quality_summary(current: Path) -> Optional[dict[str, Any]]:
         "mean_frechet": sum(fds) / len(fds),
         "max_frechet": max(fds),
         "collapsed_classes": [c for c, q in per_class.items() if q["collapsed"]],
+        "collapsed_class_names": [class_names[int(c)] for c, q in per_class.items() if q["collapsed"]]
+        if class_names else None,
         "per_class": per_class,
     }

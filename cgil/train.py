@@ -122,6 +122,8 @@ def prepare(cfg: TrainConfig, out: Path, resume: bool, reporter: Reporter, cache
     dataset = get_dataset(cfg.dataset, cfg.data_dir, val_split=cfg.val_split, strict=strict)
     counts = dataset.class_counts()
     reporter.log(describe_counts(counts))
+    if dataset.meta.get("held_out"):  # a folder without test/: say where the test images come from
+        reporter.log(f"no test/ folder: {dataset.meta['held_out']} (seeded; --val-split to change the share)")
     scenario = build_scenario(cfg, dataset)
     config_path = out / "config.json"
     has_state = (out / "state" / "CURRENT").exists()
@@ -168,10 +170,7 @@ def learn_task(ctx: RunContext, learner: Learner, t: int, train: tuple[torch.Ten
             learner.fit_generators(classes, *train, seed=gen_seed, progress=bar)
         ctx.timings["generators"] += time.perf_counter() - start
         quality = learner.replay_quality(learner.store[-1], *train, seed=gen_seed)
-        flagged = [c for c, q in quality.items() if q["collapsed"]]
-        if flagged:
-            ctx.reporter.log(f"warning: replay of class(es) {', '.join(flagged)} carries under "
-                             f"{COLLAPSE_RATIO:.0%} of the real features' variance (collapsed generator)")
+        collapse_warning(ctx, quality)
         source = learner.replay_source()
     elif cfg.method == "joint":
         source = Learner.real_source(torch.cat([f for f, _ in seen_train]), torch.cat([l for _, l in seen_train]))
@@ -182,6 +181,21 @@ def learn_task(ctx: RunContext, learner: Learner, t: int, train: tuple[torch.Ten
         learner.align(source, seed=derive_seed(cfg.seed, t, 2), progress=bar)
     ctx.timings["alignment"] += time.perf_counter() - start
     return quality
+
+
+def collapse_warning(ctx: RunContext, quality: dict[str, dict]) -> None:
+    """Name the classes whose replay collapsed and say what to try (the ratio is real/real ~1 even at n = 5,
+    so a flag means the generator, not the small sample: docs/training.md)."""
+    flagged = {c: q for c, q in quality.items() if q["collapsed"]}
+    if not flagged:
+        return
+    g = ctx.cfg.generator
+    names = ", ".join(f"{ctx.dataset.classnames[int(c)]!r} ({q['variance_ratio']:.0%}, {q['n_real']} images)"
+                      for c, q in flagged.items())
+    ctx.reporter.log(f"warning: the {g.kind} replay of {names} carries under {COLLAPSE_RATIO:.0%} of the real "
+                     f"features' variance (collapsed generator), so these classes will be forgotten sooner; try "
+                     f"more images per class, more generator steps (--passes, now {g.passes} per batch of "
+                     f"{g.batch_size}), or --generator gauss")
 
 
 def keys_for_method(cfg: TrainConfig, learner: Learner) -> torch.Tensor:

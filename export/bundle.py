@@ -224,7 +224,7 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
             image_path.unlink()  # one copy only: the runtime reads the model inside the Triton repository
             engine = {"image": str(model_file.relative_to(tmp)), "triton": {"repository": "triton", "model": "cgil_image"}}
 
-        head_dir = _publish_head(state, learner, tmp, clip, cfg.align.to_dict())
+        head_dir = _publish_head(state, learner, tmp, clip, cfg.align.to_dict(), training_images(ds))
         files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file() and p.relative_to(tmp).parts[0] != HEADS_DIR}
         manifest = {
@@ -333,11 +333,25 @@ def _text_graphs(clip: FrozenClip, learner, tmp: Path, eot: int, exporter: str) 
     return checks
 
 
-def _publish_head(state: Path, learner, tmp: Path, clip: FrozenClip, align: dict[str, Any]) -> Path:
+def training_images(ds) -> dict[str, dict[str, int]]:
+    """Per class id: the training images it was learned from and, for image files, their bytes on disk
+    (what `cgil store info` sets the replay store against; an update records the same for its classes)."""
+    counts: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for item, label in zip(ds.train.items, ds.train.labels.tolist()):
+        counts[str(label)] = counts.get(str(label), 0) + 1
+        if isinstance(item, (str, Path)):
+            sizes[str(label)] = sizes.get(str(label), 0) + Path(item).stat().st_size
+    return {"images": counts, "image_bytes": sizes if len(sizes) == len(counts) else {}}
+
+
+def _publish_head(state: Path, learner, tmp: Path, clip: FrozenClip, align: dict[str, Any],
+                  images: dict[str, dict[str, int]]) -> Path:
     """heads/head-NNNN: the run's head, replay store and prompts, plus the prompted graph's inputs.
 
     head.json records the run's alignment settings (the generator's are in store.json), so that
-    `cgil update` realigns with what the run used unless told otherwise.
+    `cgil update` realigns with what the run used unless told otherwise. store.json records each
+    group's training images per class (`images`, `image_bytes`), as an update does for its classes.
     """
     meta = read_json(state / "head.json")
 
@@ -345,6 +359,12 @@ def _publish_head(state: Path, learner, tmp: Path, clip: FrozenClip, align: dict
         for name in HEAD_FILES:
             if (state / name).exists():
                 shutil.copyfile(state / name, d / name)
+        if (state / STORE_META).exists():
+            store = read_json(state / STORE_META)
+            for group in store.get("groups", []):
+                for key, per_class in images.items():
+                    group[key] = {str(c): per_class[str(c)] for c in group["class_ids"] if str(c) in per_class}
+            atomic_write_json(d / STORE_META, store)
         atomic_write_json(d / HEAD_META, {**meta, "align": meta.get("align") or align})
         save_tensors(d / PROMPT_CONTEXT,
                      {"context": ox.prompt_context(learner), "tokens": learner.prompts.tokens.cpu()})

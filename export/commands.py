@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
         passes: Optional[int] = typer.Option(None, help="Generator passes over each new class's features (default: the store's)"),
         seed: int = typer.Option(DEFAULT_SEED, help="Seed of the new prompts, generators and alignment"),
         store_precision: str = typer.Option("fp32", "--store-precision", help="fp32 | fp16: how the replay store is written"),
-        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N: where --data fits generators and realigns"),
+        device: str = typer.Option("auto", "--device", help="auto (cuda if present, else cpu, as cgil train) | cpu | cuda | cuda:N: where --data fits generators and realigns"),
+        strict: bool = typer.Option(False, help="--data: abort on an unreadable image instead of skipping it with a warning (as cgil train)"),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
         keep: int = typer.Option(KEEP, "--keep", min=2, help="Head versions kept on disk after this update, the new one included: N - 1 rollbacks stay possible"),
     ):
@@ -86,13 +87,13 @@ def register(app: typer.Typer) -> None:
             from .update import update_from_images
 
             result = update_from_images(bundle, data, epochs=epochs, lr=lr, passes=passes, seed=seed,
-                                        store_precision=store_precision, device=device, keep=keep,
+                                        store_precision=store_precision, device=device, keep=keep, strict=strict,
                                         report=lambda s: typer.echo(s, err=as_json) if as_json else console.print(s, highlight=False))
         if as_json:
             typer.echo(json.dumps(result))
         elif rollback:
             console.print(f"rolled back: {result['rolled_back_from']} -> {result['current']}")
+        elif "timings" in result:  # --data: its report already said "published ..."
+            console.print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["timings"].items()))
         else:
             console.print(f"published head v{result['version']} ({result['directory']}): added {', '.join(result['added'])}")
-            if "timings" in result:
-                console.print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["timings"].items()))

@@ -57,22 +57,24 @@ class NewImages:
     image_bytes: list[int] = field(default_factory=list)
 
 
-def class_folders(data: str | os.PathLike) -> list[tuple[str, list[Path]]]:
-    """DIR/<class>/* -> [(class name, image files)], folder names with '_' read as spaces, sorted.
+def class_folders(data: str | os.PathLike, strict: bool = False) -> list[tuple[str, list[Path]]]:
+    """DIR/<class>/* -> [(class name, readable image files)], folder names with '_' read as spaces, sorted.
 
-    Names follow the one name rule (runtime.names): a folder `_two` next to `two` is refused, not a second class.
+    Unreadable files follow `cgil train`'s rule (cgil.data.folder.report_unreadable): skipped with one
+    warning, or all refused with `strict`; they count nowhere. Names follow the one name rule
+    (runtime.names): a folder `_two` next to `two` is refused, not a second class.
     """
-    from cgil.data.folder import class_dirs, image_files
+    from cgil.data.folder import class_dirs, image_files, readable, report_unreadable
 
     data = Path(data)
     if not data.is_dir():
         raise CgilError(f"--data {data} is not a directory (expected one folder of images per new class)")
-    out = []
-    for d in class_dirs(data):
-        files = image_files(d)
-        if not files:
-            raise CgilError(f"empty class folder: {d} holds no images")
-        out.append((folder_class_name(d.name), files))
+    dirs, bad = class_dirs(data), []
+    out = [(folder_class_name(d.name), readable(image_files(d), bad)) for d in dirs]
+    report_unreadable(bad, data, strict)
+    empty = [d for d, (_, files) in zip(dirs, out) if not files]
+    if empty:
+        raise CgilError("; ".join(f"empty class folder: {d} holds no readable images" for d in empty))
     if not out:
         raise CgilError(f"--data {data} holds no class folders")
     clean_names([n for n, _ in out], where=f"class folder in {data}")  # two folders, one name ignoring case
@@ -112,8 +114,8 @@ def load_bundle_learner(manifest: BundleManifest, src: Path, epochs: Optional[in
 def fit_new_classes(learner: Learner, images: NewImages, new_ids: list[int], passes: Optional[int], seed: int,
                     version: int, store_precision: str) -> dict[str, Any]:
     learner.add_classes(new_ids, images.names, derive_seed(seed, version, 1))
-    if passes is not None:
-        learner.gen_cfg.passes = passes
+    if passes is not None:  # exactly the passes asked for, as `cgil train --passes`
+        learner.gen_cfg.passes, learner.gen_cfg.min_steps = passes, 0
     x = torch.from_numpy(images.features).float()
     y = torch.tensor([new_ids[k] for k in images.labels])
     stats = learner.fit_generators(new_ids, x, y, seed=derive_seed(seed, version, 3))
@@ -178,20 +180,24 @@ def publish_update(root: Path, version: int, learner: Learner, head: Head, manif
 def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epochs: Optional[int] = None,
                        lr: Optional[float] = None, passes: Optional[int] = None, seed: int = DEFAULT_SEED,
                        store_precision: str = "fp32", report: Report = lambda s: None,
-                       device: str = "cpu", keep: int = KEEP) -> dict[str, Any]:
+                       device: str = "auto", keep: int = KEEP, strict: bool = False) -> dict[str, Any]:
     """Learn the classes in DATA/<class>/ and publish a new head version. Returns timings and the version.
 
-    `device` runs the generators and the alignment (text tower) there: cpu, cuda or cuda:N. What is
-    published is the same files either way (tensors are written from the CPU). `keep`: head versions
+    `device` runs the generators and the alignment (text tower) there: auto (cuda when present, as
+    `cgil train`), cpu, cuda or cuda:N. What is published is the same files either way (tensors are
+    written from the CPU). `strict`: refuse unreadable images instead of skipping them with a warning. `keep`: head versions
     kept on disk after publishing (keep - 1 rollbacks remain possible).
     """
     if store_precision not in STORE_PRECISIONS:
         raise CgilError(f"unknown store precision {store_precision!r}; choose one of: {', '.join(STORE_PRECISIONS)}")
-    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise CgilError(f"unknown device {device!r}; choose one of: cpu, cuda, cuda:N")
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise CgilError(f"unknown device {device!r}; choose one of: auto, cpu, cuda, cuda:N")
+    from cgil.train import resolve_device
+
+    device = resolve_device(device)
     bundle = Path(bundle)
     timings = {p: 0.0 for p in PHASES}
-    folders = class_folders(data)
+    folders = class_folders(data, strict)
     names = [n for n, _ in folders]
     manifest = open_bundle(bundle)
     root = heads_root(bundle)
@@ -236,7 +242,7 @@ def update_from_images(bundle: str | os.PathLike, data: str | os.PathLike, epoch
                   "align_stats": align_stats, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         final, meta = publish_update(root, version, learner, head, manifest, images, new_ids, record, keep=keep)
         timings["write"] = time.perf_counter() - t0
-    report(f"published {final.name}: {len(meta['class_names'])} classes")
+    report(f"published head v{version} ({final}): {len(meta['class_names'])} classes, added {', '.join(names)}")
     return {"version": version, "directory": str(final), "added": names, "class_ids": new_ids,
             "timings": timings, "images": images.counts}
 

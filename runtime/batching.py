@@ -159,11 +159,14 @@ class HeadManager:
         if self.thread.is_alive():
             self.thread.join(timeout=5)
 
-    def _failed(self, message: str) -> None:
+    def _failed(self, message: str) -> bool:
+        """Record a refused head; True when it is news (a new failure, not the retry of a logged one)."""
+        news = message != self.last_error
         self.last_error = message
         with self.metrics.lock:
             self.metrics.reload_failures += 1
             self.metrics.watch_error = message
+        return news
 
     def reload(self, force: bool = False) -> dict[str, Any]:
         with self.lock:
@@ -171,16 +174,19 @@ class HeadManager:
             name = self._pointer()
             if not force and name == self.seen and self.last_error is None:
                 return {"version": previous, "previous": previous, "swapped": False}
+            changed = name != self.seen
             self.seen, self.last_attempt = name, time.monotonic()
             try:
                 head = self.classifier.load_head()
+            # Logged once per failure: the retry every `retry_s` of an unchanged broken head logs at
+            # debug level only (it still counts in /metrics), or the log would repeat it every 5 s.
             except CgilError as e:
-                self._failed(str(e))
-                log.error("head reload refused, still serving v%s: %s", previous, e)
+                level = logging.ERROR if self._failed(str(e)) or changed else logging.DEBUG
+                log.log(level, "head reload refused, still serving v%s: %s", previous, e)
                 raise
             except Exception as e:  # whatever a damaged bundle raises is a refused head, never a dead watcher
-                self._failed(f"{type(e).__name__}: {e}")
-                log.error("head reload failed, still serving v%s: %s: %s", previous, type(e).__name__, e)
+                level = logging.ERROR if self._failed(f"{type(e).__name__}: {e}") or changed else logging.DEBUG
+                log.log(level, "head reload failed, still serving v%s: %s: %s", previous, type(e).__name__, e)
                 raise CgilError(self.last_error) from e
             self.last_error = None
             with self.metrics.lock:

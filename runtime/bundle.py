@@ -41,8 +41,26 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 def read_manifest(directory: Path, kind: str) -> dict[str, Any]:
     """Parse and check one manifest: schema version, kind, and the size and sha256 of every listed file."""
+    refuse_training_run(Path(directory))
     # a bundle's manifest covers every file but heads/, whose versions have manifests of their own
     return verify_manifest(directory, kind, unchecked=(HEADS_DIR,) if kind == BUNDLE_KIND else ())
+
+
+def refuse_training_run(directory: Path) -> None:
+    """A `cgil train` run folder given where a bundle is expected: say how to make the bundle.
+
+    A run holds config.json (one per method inside for `--method all`) and no bundle manifest; the
+    layout is cgil.train's, recognised here by name only (runtime never imports the learner).
+    """
+    if (directory / MANIFEST).is_file() or not directory.is_dir():
+        return
+    if (directory / "config.json").is_file():
+        raise CgilError(f"{directory} is a training run, not a bundle; export it first: "
+                        f"cgil export {directory} --out BUNDLE")
+    methods = sorted(p.parent.name for p in directory.glob("*/config.json"))
+    if methods:
+        raise CgilError(f"{directory} holds training runs ({', '.join(methods)}), not a bundle; export one first: "
+                        f"cgil export {directory / methods[0]} --out BUNDLE")
 
 
 def inside(root: Path, relative: Any, what: str) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .artifacts import (atomic_write_json, atomic_write_text, publish_version, read_history, remove_orphans,
                         remove_stale_versions)
-from .bundle import Head, check_head_files, checked_version, current_name, load_head, open_bundle
+from .bundle import Head, check_head_files, checked_version, current_name, load_head, open_bundle, refuse_training_run
 from .errors import CgilError
 from .names import clean_names, name_key
 from .format import (HEAD_KIND, HEAD_META, HEAD_TENSORS, HEADS_DIR, HISTORY, KEEP, LOCK, MANIFEST, MAX_VERSION,
@@ -43,6 +43,7 @@ def _quiet(_: str) -> None:
 def heads_root(bundle: str | os.PathLike) -> Path:
     root = Path(bundle) / HEADS_DIR
     if not (root / POINTER).is_file():
+        refuse_training_run(Path(bundle))
         raise CgilError(f"{bundle} is not a bundle with versioned heads (no {HEADS_DIR}/{POINTER})")
     return root
 

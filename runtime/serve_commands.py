@@ -56,8 +56,8 @@ def register(app: typer.Typer) -> None:
                           max_body_bytes=int(max_body_mb * MIB), max_images_per_request=max_images, max_pixels=max_pixels,
                           max_decoded_bytes=int(max_decoded_mb * MIB), max_request_pixels=max_request_pixels,
                           decode_slots=decode_slots, forwarded_allow_ips=forwarded_allow_ips, admin_token=admin_token, admin_loopback=loopback_admin, watch_interval_s=watch, threads=threads)
-        console.print(f"serving {bundle} on http://{host}:{port} (docs: /docs)")
-        serve(cfg, host, port, log_level)
+        # printed once the port is bound and the model loaded and warmed up, never before
+        serve(cfg, host, port, log_level, on_ready=lambda url: console.print(f"serving {bundle} on {url} (docs: /docs)"))
 
     store = typer.Typer(help="The replay store of a bundle's current head", no_args_is_help=True)
     app.add_typer(store, name="store")

@@ -23,9 +23,10 @@ import io
 import logging
 import math
 import os
+import socket
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from fastapi import Query, Request
@@ -286,14 +287,35 @@ def create_app(cfg: ServeConfig, classifier=None):
 # ---------------------------------------------------------------- running it
 
 def make_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "warning",
-                forwarded_allow_ips: Optional[str] = None):
-    """uvicorn reads X-Forwarded-For only from the proxies named in `forwarded_allow_ips` (none by default)."""
+                forwarded_allow_ips: Optional[str] = None, on_ready: Optional[Callable[[], None]] = None):
+    """uvicorn reads X-Forwarded-For only from the proxies named in `forwarded_allow_ips` (none by default).
+
+    `on_ready` runs once the app has started (model loaded and warmed up) and the socket listens."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and on_ready is not None:
+                on_ready()
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             proxy_headers=bool(forwarded_allow_ips), forwarded_allow_ips=forwarded_allow_ips or "",
                             timeout_graceful_shutdown=5)
-    return uvicorn.Server(config)
+    return Server(config)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket: a busy port or a wrong host is one line (uvicorn would log it and exit 1)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise CgilError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
 
 
 def return_freed_memory() -> None:
@@ -309,11 +331,20 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
 
 
-def serve(cfg: ServeConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info") -> None:
+def serve(cfg: ServeConfig, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info",
+          on_ready: Optional[Callable[[str], None]] = None) -> None:
+    """Load the bundle, bind, warm up, then listen; `on_ready(url)` runs only then (a "serving on" line that
+    is true). The bundle is read first, so that a wrong one is named whatever the port."""
     return_freed_memory()
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(message)s")
     app = create_app(cfg)
-    make_server(app, host, port, log_level, cfg.forwarded_allow_ips).run()
+    sock = listen(host, port)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+    try:
+        ready = (lambda: on_ready(url)) if on_ready is not None else None
+        make_server(app, host, port, log_level, cfg.forwarded_allow_ips, ready).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def percentile(values: list[float], p: float) -> float:

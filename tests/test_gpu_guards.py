@@ -260,7 +260,7 @@ def test_a_cuda_run_is_re_evaluated_on_a_cpu_machine(tiny_run, tmp_path):
 def test_update_device_is_checked_before_anything_is_read(tmp_path):
     from export.update import update_from_images
 
-    with pytest.raises(CgilError, match=r"unknown device 'gpu'; choose one of: cpu, cuda, cuda:N"):
+    with pytest.raises(CgilError, match=r"unknown device 'gpu'; choose one of: auto, cpu, cuda, cuda:N"):
         update_from_images(tmp_path / "no-bundle", tmp_path, device="gpu")
 
 

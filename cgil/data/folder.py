@@ -1,4 +1,6 @@
-"""A user's own images: PATH/train/<class>/** and PATH/test/<class>/** (or a held-out share of train/).
+"""A user's own images: PATH/train/<class>/** and PATH/test/<class>/** (or PATH/val/<class>/**); PATH/train/
+alone, or a flat PATH/<class>/** (ImageFolder's layout), gets a seeded, stratified test share held out
+(--val-split, 20% by default, as ultralytics splits a folder without a validation set).
 
 Class names come from folder names with underscores read as spaces, sorted for a stable order.
 Images are found recursively under each class folder, as torchvision's ImageFolder does
@@ -9,6 +11,7 @@ A class left with too few images is always refused, by name.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,6 +23,7 @@ from runtime.names import clean_names, folder_class_name
 from .base import IMAGE_EXTENSIONS, ImageDataset, Split, fingerprint_files
 
 MIN_TRAIN_IMAGES = 2  # every generator needs two samples per class (BatchNorm, variances)
+DEFAULT_VAL_SPLIT = 0.2  # the test share held out of a folder without test/ when --val-split is not given
 VAL_SPLIT_SEED = 0  # the held-out split is fixed for a folder, whatever the learner's --seed
 SHOWN = 10  # unreadable files listed by name in one message
 
@@ -40,15 +44,34 @@ def image_files(class_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-def _readable(files: list[Path], bad: list[tuple[Path, str]]) -> list[Path]:
+def readable(files: list[Path], bad: list[tuple[Path, str]]) -> list[Path]:
     good = []
     for f in files:
         try:
             check_image(f)
             good.append(f)
         except CgilError as e:
-            bad.append((f, str(e).split(": ", 1)[-1]))
+            bad.append((f, reason(f, e)))
     return good
+
+
+def report_unreadable(bad: list[tuple[Path, str]], root: Path, strict: bool = False,
+                      warn: Optional[Callable[[str], None]] = None) -> None:
+    """The one rule for unreadable files, for `train` and `update --data` alike: skipped with one warning
+    that counts and lists them (once per process for the same files), or all refused at once with `strict`."""
+    if bad and strict:
+        raise CgilError(f"{len(bad)} unreadable image(s) in {root} (--strict): {_listing(bad, root)}")
+    if bad and (warn is not None or _first_warning(root, bad)):
+        (warn or _default_warn)(f"skipped {len(bad)} unreadable image(s) in {root} (--strict to abort instead): "
+                                f"{_listing(bad, root)}")
+
+
+def reason(path: Path, error: CgilError) -> str:
+    """Why a file is unreadable, without its path: the listing names each file once, not twice."""
+    why = str(error).split(f"{path}: ", 1)[-1]
+    for form in (repr(str(path)), str(path)):  # Pillow's "cannot identify image file '/abs/path'"
+        why = why.replace(form, "").strip()
+    return why.removesuffix(" file") if why.startswith("cannot identify image") else why
 
 
 def _listing(bad: list[tuple[Path, str]], root: Path) -> str:
@@ -66,46 +89,75 @@ def held_out(counts: dict[str, int], fraction: float) -> dict[str, np.ndarray]:
     return out
 
 
-def load_folder_dataset(root: str | Path, val_split: Optional[float] = None, strict: bool = False,
-                        warn: Optional[Callable[[str], None]] = None) -> ImageDataset:
-    given = str(root)
-    root = Path(root).expanduser().resolve()
+@dataclass(frozen=True)
+class Layout:
+    """Where a folder dataset's classes are: `train` (PATH/train, or PATH itself for a flat PATH/<class>/*),
+    `test` (PATH/test or PATH/val, None when held out) and the share of train held out (None with a test dir)."""
+
+    root: Path
+    train: Path
+    test: Optional[Path]
+    val_split: Optional[float]
+    flat: bool = False
+
+
+LAYOUTS = ("expected PATH/<class>/* (a test share is held out), PATH/train/<class>/* (likewise), "
+           "or PATH/train/<class>/* with PATH/test/<class>/* (or PATH/val/<class>/*)")
+
+
+def folder_layout(given: str | Path, val_split: Optional[float] = None) -> Layout:
+    """Which layout a folder dataset has, checked before any image is read (cheap: directory listings only).
+
+    PATH/train/ + PATH/test/ (or val/, ultralytics' name) is used as is. PATH/train/ alone, or class
+    folders directly under PATH (ImageFolder's layout), gets a seeded, stratified test share held out:
+    `val_split`, else DEFAULT_VAL_SPLIT, as ultralytics splits a folder that has no validation set.
+    """
+    root = Path(given).expanduser().resolve()
     if not root.is_dir():
-        raise CgilError(f"folder dataset {given} does not exist (expected {given}/train/<class>/*)")
-    if not (root / "train").is_dir():
-        raise CgilError(f"folder dataset {root} has no 'train/' directory (expected {root}/train/<class>/*)")
-    has_test = (root / "test").is_dir()
+        raise CgilError(f"folder dataset {given} does not exist ({LAYOUTS})")
     if val_split is not None and not 0 < val_split < 1:
         raise CgilError(f"--val-split must be a fraction between 0 and 1, got {val_split}")
-    if has_test and val_split is not None:
-        raise CgilError(f"--val-split holds out part of train/, but {root} already has a 'test/' directory; "
+    test = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir():
+        if test is not None:
+            raise CgilError(f"folder dataset {root} has '{test.name}/' but no 'train/' directory "
+                            f"(expected {root}/train/<class>/* next to {test}/<class>/*)")
+        if not any(image_files_exist(d) for d in class_dirs(root)):
+            raise CgilError(f"folder dataset {root} holds no class folders of images ({LAYOUTS})")
+        return Layout(root, root, None, val_split or DEFAULT_VAL_SPLIT, flat=True)
+    if test is not None and val_split is not None:
+        raise CgilError(f"--val-split holds out part of train/, but {root} already has a '{test.name}/' directory; "
                         "drop --val-split to use it")
-    if not has_test and val_split is None:
-        raise CgilError(f"folder dataset {root} has no 'test/' directory (expected {root}/test/<class>/*); "
-                        "or pass --val-split 0.2 to hold out 20% of each class of train/")
-    train_dirs = class_dirs(root / "train")
+    return Layout(root, root / "train", test, None if test is not None else val_split or DEFAULT_VAL_SPLIT)
+
+
+def image_files_exist(class_dir: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in class_dir.rglob("*"))
+
+
+def load_folder_dataset(root: str | Path, val_split: Optional[float] = None, strict: bool = False,
+                        warn: Optional[Callable[[str], None]] = None) -> ImageDataset:
+    layout = folder_layout(root, val_split)
+    root, val_split, has_test = layout.root, layout.val_split, layout.test is not None
+    train_dirs = class_dirs(layout.train)
     if not train_dirs:
-        raise CgilError(f"folder dataset {root / 'train'} has no class folders")
+        raise CgilError(f"folder dataset {layout.train} has no class folders")
     folder_names = [d.name for d in train_dirs]
     if has_test:
-        test_names = {d.name for d in class_dirs(root / "test")}
+        test_names = {d.name for d in class_dirs(layout.test)}
         missing = [n for n in folder_names if n not in test_names]
         if missing:
-            raise CgilError(f"class folder(s) missing from {root / 'test'}: {', '.join(missing)}")
+            raise CgilError(f"class folder(s) missing from {layout.test}: {', '.join(missing)}")
         extra = sorted(test_names - set(folder_names))
         if extra:
-            raise CgilError(f"class folder(s) in {root / 'test'} but not in train: {', '.join(extra)}")
+            raise CgilError(f"class folder(s) in {layout.test} but not in train: {', '.join(extra)}")
 
     bad: list[tuple[Path, str]] = []
-    files = {split: {name: _readable(image_files(root / split / name), bad) for name in folder_names}
-             for split in (("train", "test") if has_test else ("train",))}
-    if bad and strict:
-        raise CgilError(f"{len(bad)} unreadable image(s) in {root} (--strict): {_listing(bad, root)}")
-    if bad:
-        (warn or _default_warn)(f"skipped {len(bad)} unreadable image(s) in {root} (--strict to abort instead): "
-                                f"{_listing(bad, root)}")
+    dirs = {"train": layout.train, **({"test": layout.test} if has_test else {})}
+    files = {split: {name: readable(image_files(d / name), bad) for name in folder_names} for split, d in dirs.items()}
+    report_unreadable(bad, root, strict, warn)
     need = MIN_TRAIN_IMAGES + (1 if not has_test else 0)
-    few = [f"{n!r} ({len(files['train'][n])} in {root / 'train' / n})" for n in folder_names
+    few = [f"{n!r} ({len(files['train'][n])} in {layout.train / n})" for n in folder_names
            if len(files["train"][n]) < need]
     if few:
         what = "readable training image(s)" + ("" if has_test else " to hold one out for --val-split")
@@ -113,7 +165,7 @@ def load_folder_dataset(root: str | Path, val_split: Optional[float] = None, str
     if has_test:
         empty = [n for n in folder_names if not files["test"][n]]
         if empty:
-            raise CgilError("; ".join(f"empty class folder: {root / 'test' / n} holds no readable images "
+            raise CgilError("; ".join(f"empty class folder: {layout.test / n} holds no readable images "
                                       f"(class {n!r})" for n in empty))
     else:
         chosen = held_out({n: len(files["train"][n]) for n in folder_names}, val_split)
@@ -136,9 +188,22 @@ def load_folder_dataset(root: str | Path, val_split: Optional[float] = None, str
         classnames=clean_names([folder_class_name(n) for n in folder_names], where=f"class folder in {root}"),
         train=splits["train"],
         test=splits["test"],
-        meta={"folder_names": folder_names, "root": str(root), "val_split": val_split,
+        meta={"folder_names": folder_names, "root": str(root), "val_split": val_split, "flat": layout.flat,
+              "held_out": None if has_test else f"{val_split:.0%} of each class held out as the test split",
               "skipped": [[str(p), why] for p, why in bad]},
     )
+
+
+_WARNED: set[tuple] = set()  # (root, files) already reported by this process
+
+
+def _first_warning(root: Path, bad: list[tuple[Path, str]]) -> bool:
+    """Once per run, not once per method: `--method all` loads the same folder four times in one process."""
+    key = (str(root), tuple(str(p) for p, _ in bad))
+    if key in _WARNED:
+        return False
+    _WARNED.add(key)
+    return True
 
 
 def _default_warn(message: str) -> None:

@@ -19,6 +19,10 @@ class GeneratorConfig:
     kind: str = "vae"
     passes: int = 500  # passes over each class's features (VAE, diffusion); 750 on ISIC in the paper
     batch_size: int = 64
+    # Least optimiser steps per class (VAE, diffusion), whatever `passes`: a class of 15 images is one batch,
+    # so 50 passes are 50 steps and its VAE replays under 1% of the real variance (collapse); 300 steps give
+    # ~21%, as much as 500 (docs/training.md). 0 (the reference): passes alone decide. The folder: preset sets it.
+    min_steps: int = 0
     lr: Optional[float] = None  # None: the family's reference default
     latent_dim: int = 256  # VAE
     hidden_dim: int = 512  # VAE
@@ -70,8 +74,8 @@ class ClassGenerators(nn.Module, ABC):
         return self.cfg.lr if self.cfg.lr is not None else self.default_lr
 
     def iterations(self, sizes: Sequence[int]) -> list[int]:
-        """Per class: `passes` passes over its own features in batches of batch_size."""
-        return [self.cfg.passes * max(1, math.ceil(n / self.cfg.batch_size)) for n in sizes]
+        """Per class: `passes` passes over its own features in batches of batch_size, and at least min_steps."""
+        return [max(self.cfg.passes * max(1, math.ceil(n / self.cfg.batch_size)), self.cfg.min_steps) for n in sizes]
 
     def check_sizes(self, feats: Sequence[torch.Tensor], names: Optional[Sequence[str]] = None) -> None:
         if len(feats) != self.num_classes:
