@@ -110,7 +110,7 @@ def bundle(base_bundle, tmp_path) -> Path:
 # A test that asks for one of these fixtures waits for a training run and an export (or a copy of one):
 # it is slow by what it needs, so it is marked here rather than by hand in each module.
 SLOW_FIXTURES = frozenset({"tiny_run", "fp32_bundle", "int8_bundle", "base_bundle", "bundle",
-                           "folder_run", "tiny_graphs", "device_venv"})  # the last three: module fixtures
+                           "folder_run", "tiny_graphs", "device_venv", "relative_run"})  # the last four: module fixtures
 
 
 def pytest_collection_modifyitems(config, items):

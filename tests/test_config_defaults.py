@@ -54,7 +54,7 @@ def test_serve_defaults_are_the_serve_config(monkeypatch, tmp_path):
     started = []
     monkeypatch.delenv("CGIL_ADMIN_TOKEN", raising=False)
     # serve() is replaced only to catch what the command hands it: the server itself is tested in test_serve.py
-    monkeypatch.setattr(runtime.server, "serve", lambda cfg, host, port, log_level: started.append((cfg, host, port)))
+    monkeypatch.setattr(runtime.server, "serve", lambda cfg, host, port, log_level, on_ready=None: started.append((cfg, host, port)))
     from cli import app
 
     result = CliRunner().invoke(app, ["serve", str(tmp_path)])

@@ -261,6 +261,7 @@ def test_a_text_file_as_pretrained_gives_no_pickle_advice(tmp_path):
 
 # ---------------------------------------------------------------- item 16: small classes do not collapse
 
+@pytest.mark.slow  # fits generators
 def test_small_classes_get_enough_generator_steps_to_keep_their_variance(tmp_path):
     """A 12-image class under the folder: preset: 300 VAE steps, not 50, and a replay above the threshold."""
     import numpy as np

@@ -25,6 +25,7 @@ def test_dash_h_is_help(command):
     assert "Usage: " in result.output and "--help" in result.output and "Show this message" in result.output
 
 
+@pytest.mark.slow  # trains
 def test_sigterm_during_training_prints_the_resume_command(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "cli", "train", "--quiet", "--out", str(out)], cwd=ROOT,
@@ -41,6 +42,7 @@ def test_sigterm_during_training_prints_the_resume_command(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # trains
 def test_method_all_warns_once_about_skipped_files_and_plots_the_comparison(tmp_path):
     root = make_folder(tmp_path / "photos", {"coins": 3, "keys": 3})
     (root / "train" / "coins" / "._IMG_0001.jpg").write_bytes(b"\x00\x05\x16\x07 mac resource fork")
