@@ -21,9 +21,10 @@ from .images import ImageLike, load_image
 
 _FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 _SUPPORT = {Image.BICUBIC: 2.0, Image.BILINEAR: 1.0}  # Pillow's filter radii, in source pixels at scale 1
-# A resize to more than this many times the crop's pixels is done in the crop only (see _resize_crop):
-# a 1,000,000 x 1 strip would otherwise become 224 x 224,000,000 pixels before being cropped to 224 x 224.
-CROP_ONLY = 16
+# A resize to more pixels than this is done in the crop only (see _resize_crop): a 1,000,000 x 1 strip
+# would otherwise become 224 x 224,000,000 pixels before being cropped to 224 x 224. 4 MP (16 MB as RGB)
+# is an image over 83:1 for a 224-px model: every ordinary image keeps the full resize, bit for bit.
+CROP_ONLY_PIXELS = 4 * 1024 * 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +137,7 @@ class Preprocess:
         th, tw = self.size
         if self.resize_mode == "squash":
             img = self._resize(img)
-        elif new_w * new_h > CROP_ONLY * th * tw and new_w >= tw and new_h >= th:  # a strip: see CROP_ONLY
+        elif new_w * new_h > CROP_ONLY_PIXELS and new_w >= tw and new_h >= th:  # a strip: see CROP_ONLY_PIXELS
             img = self._resize_crop(img, new_w, new_h)
         else:
             img = self._crop(self._resize(img))

@@ -55,7 +55,7 @@ print(time.process_time() - t)
 def test_the_crop_only_resize_matches_the_full_resize_within_one_level(filt):
     """The crop-only path replays Pillow's two passes, in Pillow's order, on the crop's source pixels: the
     same pixels up to float rounding of the box offsets (random noise is the worst case: bicubic overshoot
-    is clipped). Ordinary images (under CROP_ONLY) keep the full resize, bit for bit."""
+    is clipped). pixels() takes it only past CROP_ONLY_PIXELS: ordinary images keep the full resize, bit for bit."""
     rng = np.random.default_rng(0)
     exact = total = 0
     for _ in range(24):
@@ -68,12 +68,11 @@ def test_the_crop_only_resize_matches_the_full_resize_within_one_level(filt):
         pre = Preprocess((th, tw), (0.5,) * 3, (0.5,) * 3, filt)
         full = np.asarray(pre._crop(pre._resize(img)), np.int16)  # the path every ordinary image takes
         crop_only = np.asarray(pre._resize_crop(img, *pre._new_size(*img.size)), np.int16)
-        assert np.array_equal(pre.pixels(img), crop_only)  # pixels() takes it for these strips
         assert np.abs(full - crop_only).max() <= 2, (size, th, tw)
         exact += int((full == crop_only).sum())
         total += full.size
     assert exact / total > 0.999
-    for size in [(640, 480), (480, 640), (300, 20), (20, 300), (3000, 200)]:  # up to 15:1
+    for size in [(640, 480), (480, 640), (300, 20), (20, 300), (3000, 200), (8000, 100)]:  # up to 80:1
         img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
         assert np.array_equal(CLIP.pixels(img), np.asarray(CLIP._crop(CLIP._resize(img)))), size
 
