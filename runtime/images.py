@@ -238,7 +238,7 @@ def open_bounded(data: bytes, max_pixels: int, max_bytes: int, min_side: int) ->
         keep = 2 * max(1, min_side)
         short = min(img.size)
         whole, (width, height) = 0, img.size
-        if img.format == "JPEG":
+        if img.format in ("JPEG", "MPO"):  # MPO: a camera's multi-picture JPEG, opened as its first picture
             whole = jpeg_whole_bytes(img, first_scan)
             if short >= 2 * keep:
                 scale = keep / short  # draft picks the smallest DCT scale (1/2, 1/4, 1/8) that stays >= this size
