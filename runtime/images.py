@@ -11,7 +11,7 @@ import io
 import os
 import re
 import warnings
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
