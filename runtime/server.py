@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import math
 import os
@@ -34,7 +33,6 @@ from pydantic import BaseModel
 
 from .admin_auth import admin_authorised
 from .errors import CgilError
-from .images import SERVE_FORMATS
 
 from .batching import Batcher, HeadManager, QueueFull
 from .metrics import Metrics
@@ -90,14 +88,17 @@ def decode_image(data: bytes, preprocess, what: str, max_pixels: int = MAX_PIXEL
 
 
 def header_pixels(data: bytes) -> int:
-    """Pixels an image declares in its header (0 if it has none we accept: decoding will say why)."""
-    from PIL import Image
+    """Pixels an image declares in its header (0 if it has none we accept: decoding will say why).
+
+    Runs in the thread pool, never on the event loop: even bounded (open_header), parsing is Python work."""
+    from .images import open_header
 
     try:
-        with Image.open(io.BytesIO(data), formats=SERVE_FORMATS) as img:
-            return img.width * img.height
+        img, _ = open_header(data)
     except Exception:
         return 0
+    with img:
+        return img.width * img.height
 
 
 class DecodeSlots:
@@ -219,19 +220,22 @@ def create_app(cfg: ServeConfig, classifier=None):
             return error(413, f"{len(parts)} images in one request; at most {cfg.max_images_per_request}")
         if len(parts) > cfg.max_queue:
             return error(413, f"{len(parts)} images exceed the queue size {cfg.max_queue}")
-        declared = sum(header_pixels(data) for _, data in parts) if len(parts) > 1 else 0  # one: its own limit
-        if declared > cfg.max_request_pixels:
-            return error(413, f"the images of this request declare {declared} pixels in all; "
-                              f"at most {cfg.max_request_pixels} per request")
         pre = classifier.preprocess
 
-        def decode() -> np.ndarray:
+        def decode() -> np.ndarray | int:
+            """The request's pixels, or (multi-image) the pixels its headers declare in all when over the limit."""
+            declared = sum(header_pixels(data) for _, data in parts) if len(parts) > 1 else 0  # one: its own limit
+            if declared > cfg.max_request_pixels:
+                return declared
             return np.stack([slots.decode(data, pre, what, cfg, metrics) for what, data in parts])
 
         try:
             pixels = await run_in_threadpool(decode)
         except CgilError as e:
             return error(400, str(e))
+        if isinstance(pixels, int):
+            return error(413, f"the images of this request declare {pixels} pixels in all; "
+                              f"at most {cfg.max_request_pixels} per request")
         try:
             job = batcher.submit(pixels, top_k)
         except QueueFull as e:
