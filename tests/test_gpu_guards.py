@@ -179,9 +179,11 @@ def test_both_onnxruntime_wheels_installed_is_named(tmp_path, monkeypatch):
 def test_tensorrt_ep_gets_caches_profiles_and_precision(tmp_path):
     from runtime.backends import provider_options
 
-    assert provider_options("CUDAExecutionProvider", "fp16") == {}
-    opts = provider_options("TensorrtExecutionProvider", "fp16", "pixels", (224, 224), 32, cache_dir=tmp_path)
-    assert opts["trt_engine_cache_enable"] and opts["trt_engine_cache_path"] == str(tmp_path)
+    graph = tmp_path / "image.onnx"
+    graph.write_bytes(b"graph")
+    assert provider_options("CUDAExecutionProvider", "fp16", graph) == {}
+    opts = provider_options("TensorrtExecutionProvider", "fp16", graph, "pixels", (224, 224), 32, cache_root=tmp_path)
+    assert opts["trt_engine_cache_enable"] and Path(opts["trt_engine_cache_path"]).parent == tmp_path
     assert opts["trt_timing_cache_enable"] and opts["trt_fp16_enable"] and not opts["trt_int8_enable"]
     assert (opts["trt_profile_min_shapes"], opts["trt_profile_opt_shapes"], opts["trt_profile_max_shapes"]) == (
         "pixels:1x224x224x3", "pixels:16x224x224x3", "pixels:32x224x224x3")

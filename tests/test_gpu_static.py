@@ -1,0 +1,137 @@
+"""The GPU paths' static checks (issue 18), all on the CPU: no TensorRT, onnxruntime-gpu or GPU here.
+
+* `--backend tensorrt` refuses an int8 bundle quantized for the ORT CPU before looking for TensorRT;
+* ORT's TensorRT EP gets one engine-cache folder per image graph (sha256 of the file);
+* the native build's flags per precision (TF32 cleared for fp32), recorded on a fake builder config,
+  and the TensorRT EP's precision options come from the same table;
+* ORT sessions never fall back to the CPU on their own, and say nothing on stdout.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.errors import CgilError
+from test_export import int8_bundle  # noqa: F401  (fixture)
+from test_gpu_guards import tiny_graphs  # noqa: F401  (fixture)
+
+
+# ---- item 2: --backend tensorrt on a CPU int8 bundle ---------------------------------------------
+def test_tensorrt_backend_refuses_the_cpu_int8_graph_in_one_line(int8_bundle, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    assert json.loads((int8_bundle / "manifest.json").read_text())["engine"]["int8"] == "cpu"
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    result = CliRunner().invoke(app, ["predict", str(int8_bundle), str(image), "--backend", "tensorrt"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "quantized for ONNX Runtime on the CPU" in lines[0]
+    assert "cgil export RUN --format tensorrt --precision int8" in result.output.replace("\n", "")
+
+
+# ---- item 4: one TensorRT EP cache folder per graph ----------------------------------------------
+def test_tensorrt_ep_caches_are_keyed_by_the_graphs_sha256(tiny_graphs, tmp_path):  # noqa: F811
+    from runtime.artifacts import sha256_file
+    from runtime.backends import provider_options
+
+    fp32, fp16 = tiny_graphs["fp32"], tiny_graphs["fp16"]
+    same_architecture = tmp_path / "other-weights.onnx"  # one changed weight: same structure, other engine
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(fp32))
+    init = next(i for i in model.graph.initializer if numpy_helper.to_array(i).size > 1)
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[0] += 1.0
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(model, str(same_architecture))
+
+    def folder(path, precision="fp32"):
+        return provider_options("TensorrtExecutionProvider", precision, path, "pixels", (32, 32), 8,
+                                cache_root=tmp_path / "cache")["trt_engine_cache_path"]
+
+    folders = {folder(fp32), folder(fp16, "fp16"), folder(same_architecture)}
+    assert len(folders) == 3
+    assert folder(fp32) == str(tmp_path / "cache" / sha256_file(fp32)[:24]) and Path(folder(fp32)).is_dir()
+    opts = provider_options("TensorrtExecutionProvider", "fp32", fp32, cache_root=tmp_path / "cache")
+    assert opts["trt_timing_cache_path"] == opts["trt_engine_cache_path"] == folder(fp32)
+
+
+# ---- items 5 and 8: precision flags, native build and TensorRT EP --------------------------------
+class _Flags:
+    """Stands in for tensorrt.BuilderFlag: the real TensorRT cannot be imported here."""
+    FP16, INT8, TF32, BF16, FP8 = "FP16", "INT8", "TF32", "BF16", "FP8"
+
+
+class _FakeTensorRT:
+    BuilderFlag = _Flags
+
+
+class _RecordingConfig:
+    """Records which flags cgil's code sets or clears on a TensorRT IBuilderConfig; nothing else."""
+
+    def __init__(self):
+        self.set, self.cleared = [], []
+
+    def set_flag(self, flag):
+        self.set.append(flag)
+
+    def clear_flag(self, flag):
+        self.cleared.append(flag)
+
+
+@pytest.mark.parametrize("precision, cleared", [("fp32", ["TF32"]), ("fp16", []), ("int8", [])])
+def test_native_builds_set_no_precision_flags_and_clear_tf32_for_fp32(precision, cleared):
+    from runtime.tensorrt_build import configure_builder
+
+    config = _RecordingConfig()
+    configure_builder(_FakeTensorRT, config, precision)
+    assert config.set == [] and config.cleared == cleared
+    with pytest.raises(CgilError, match="unknown precision 'tf32'"):
+        configure_builder(_FakeTensorRT, _RecordingConfig(), "tf32")
+
+
+def test_the_build_uses_configure_builder_and_keys_engines_by_tf32():
+    source = (Path(__file__).parent.parent / "runtime" / "tensorrt_build.py").read_text()
+    build = source[source.index("def build_engine"):]
+    assert "configure_builder(trt, config, precision)" in build
+    assert '"tf32": PRECISION_MATH[precision]["tf32"]' in source
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt_ep_precision_options_follow_the_native_table(tiny_graphs, tmp_path, precision):  # noqa: F811
+    from runtime.backends import provider_options
+    from runtime.tensorrt_build import PRECISION_MATH
+
+    opts = provider_options("TensorrtExecutionProvider", precision, tiny_graphs["fp32"], cache_root=tmp_path)
+    assert (opts["trt_fp16_enable"], opts["trt_int8_enable"]) == (PRECISION_MATH[precision]["fp16"],
+                                                                  PRECISION_MATH[precision]["int8"])
+    assert PRECISION_MATH["fp32"] == {"fp16": False, "int8": False, "tf32": False}
+
+
+# ---- item 9: no silent fallback, nothing on stdout -----------------------------------------------
+def test_ort_sessions_have_fallback_disabled_and_print_nothing(tiny_graphs, capsys):  # noqa: F811
+    from runtime.backends import OnnxRuntimeImage, preload_cuda_libraries
+
+    backend = OnnxRuntimeImage(tiny_graphs["fp32"], ["CPUExecutionProvider"])
+    assert backend.session._enable_fallback is False  # ORT's own flag: no provider swap on a failed run
+    preload_cuda_libraries()
+    assert capsys.readouterr().out == ""
+
+
+def test_a_broken_graph_is_one_line_for_an_explicit_provider(tmp_path):
+    from runtime.backends import OnnxRuntimeImage
+
+    bad = tmp_path / "image.onnx"
+    bad.write_bytes(b"not a graph")
+    with pytest.raises(CgilError, match=r"ONNX Runtime cannot load .*image.onnx"):
+        OnnxRuntimeImage(bad, ["CPUExecutionProvider"])
