@@ -135,3 +135,62 @@ def test_a_broken_graph_is_one_line_for_an_explicit_provider(tmp_path):
     bad.write_bytes(b"not a graph")
     with pytest.raises(CgilError, match=r"ONNX Runtime cannot load .*image.onnx"):
         OnnxRuntimeImage(bad, ["CPUExecutionProvider"])
+
+
+# ---- items 3 and 8: both exporters, every precision, int8 on the fp16 graph ----------------------
+@pytest.fixture(scope="module")
+def dynamo_graphs(tiny_graphs, tmp_path_factory):  # noqa: F811
+    """The image graphs as the torch.export fallback of `cgil export` writes them."""
+    from export.onnx_export import export_image
+    from export.quantize import to_fp16, to_int8
+
+    from benchmarks.latency import digits_pixels
+
+    d = tmp_path_factory.mktemp("dynamo")
+    fp32 = export_image(tiny_graphs["clip"], tiny_graphs["preprocess"], d / "fp32.onnx", exporter="dynamo")
+    calibration, _ = digits_pixels(tiny_graphs["preprocess"], "train", 64)
+    return {"fp32": fp32, "fp16": to_fp16(fp32, d / "fp16.onnx"),
+            "int8-tensorrt": to_int8(fp32, d / "int8.onnx", [calibration[i:i + 16] for i in range(0, 64, 16)],
+                                     target="tensorrt")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-tensorrt"])
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_both_exporters_pass_the_tensorrt_check_at_every_precision(tiny_graphs, dynamo_graphs, exporter,  # noqa: F811
+                                                                    precision):
+    from export.tensorrt_check import tensorrt_problems
+
+    graphs = tiny_graphs if exporter == "torchscript" else dynamo_graphs
+    assert tensorrt_problems(graphs[precision]) == []
+
+
+def test_the_dynamo_graph_reads_the_batch_from_the_cast_and_equals_the_traced_one(tiny_graphs, dynamo_graphs):  # noqa: F811
+    import onnx
+
+    from benchmarks.latency import digits_pixels
+    from export.onnx_export import min_cosine
+    from runtime.backends import OnnxRuntimeImage
+
+    graph = onnx.load(str(dynamo_graphs["fp32"])).graph
+    assert [n.op_type for n in graph.node if "pixels" in n.input] == ["Cast"]
+    assert any(n.op_type == "Shape" for n in graph.node)  # the symbolic batch is still read, from the Cast
+    test, _ = digits_pixels(tiny_graphs["preprocess"], "test", 24)
+    embed = lambda p: OnnxRuntimeImage(p, ["CPUExecutionProvider"]).embed(test)  # noqa: E731
+    assert min_cosine(embed(dynamo_graphs["fp32"]), embed(tiny_graphs["fp32"])) >= 0.9999
+
+
+def test_the_tensorrt_int8_graph_computes_in_half_around_its_int8_matmuls(tiny_graphs):  # noqa: F811
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(tiny_graphs["int8-tensorrt"]))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and all(types[n.input[1]] == TensorProto.FLOAT16 for n in dq)  # fp16 scales: DQ yields half
+    quantized = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+                 and any(i in {d.output[0] for d in dq} for i in n.input)]
+    assert quantized and all(types[n.output[0]] == TensorProto.FLOAT16 for n in quantized)
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert norms and all(types[n.output[0]] == TensorProto.FLOAT for n in norms)  # kept fp32, as in fp16
