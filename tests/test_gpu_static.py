@@ -194,3 +194,24 @@ def test_the_tensorrt_int8_graph_computes_in_half_around_its_int8_matmuls(tiny_g
     assert quantized and all(types[n.output[0]] == TensorProto.FLOAT16 for n in quantized)
     norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
     assert norms and all(types[n.output[0]] == TensorProto.FLOAT for n in norms)  # kept fp32, as in fp16
+
+
+# ---- item 7: the feature cache reads TF32 through torch's fp32_precision API ---------------------
+@pytest.mark.parametrize("setting, expected", [
+    ("pass", {"tf32_matmul": False, "tf32_cudnn": True}),  # torch's defaults
+    ("b.fp32_precision = 'ieee'", {"tf32_matmul": False, "tf32_cudnn": False}),  # the legacy cudnn read raises
+    ("b.cuda.matmul.fp32_precision = 'tf32'; b.cudnn.conv.fp32_precision = 'ieee'",
+     {"tf32_matmul": True, "tf32_cudnn": False}),
+    ("b.cuda.matmul.allow_tf32 = True; b.cudnn.allow_tf32 = False", {"tf32_matmul": True, "tf32_cudnn": False}),
+])
+def test_tf32_settings_use_the_new_api_without_raising(setting, expected):
+    """In a fresh process each: torch's precision settings are process-wide and do not restore cleanly."""
+    import subprocess
+    import sys
+
+    code = f"import json, torch; b = torch.backends; {setting}; from cgil.features import tf32_settings; " \
+           "print(json.dumps(tf32_settings()))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
