@@ -111,8 +111,11 @@ def step_resume(ctx) -> None:
         ctx.add(1, "resume", "stop after task 1, resume", "failed", note=_tail(proc))
         return
     r = json.loads(out.read_text())
-    ctx.add(1, "resume", "stop after task 1, resume", "ok" if r["equal"] else "failed", seconds=time.perf_counter() - t0,
-            note=f"accuracy matrices equal bit for bit: {r['equal']}")
+    equal = r["equal"] and not r["differing_tensors"]
+    ctx.add(1, "resume", "stop after task 1, resume", "ok" if equal else "failed", seconds=time.perf_counter() - t0,
+            note=f"accuracy matrices equal: {r['equal']}; state tensors (head, generators, prompts) equal byte for "
+                 f"byte: {not r['differing_tensors']}" + (f" (differ: {', '.join(r['differing_tensors'][:5])})"
+                                                            if r["differing_tensors"] else ""))
 
 
 def resume_worker(device: str, out: Path, quick: bool) -> None:
@@ -130,4 +133,26 @@ def resume_worker(device: str, out: Path, quick: bool) -> None:
     full = run(cfg(), work / "full", reporter=quiet, cache_dir=work / "cache")
     run(cfg(), work / "part", stop_after=0, reporter=quiet, cache_dir=work / "cache")
     resumed = run(cfg(), work / "part", resume=True, reporter=quiet, cache_dir=work / "cache")
-    out.write_text(json.dumps({"equal": full["accuracy_matrix"] == resumed["accuracy_matrix"]}))
+    out.write_text(json.dumps({"equal": full["accuracy_matrix"] == resumed["accuracy_matrix"],
+                               "differing_tensors": differing_state_tensors(work / "full", work / "part")}))
+
+
+def differing_state_tensors(run_a: Path, run_b: Path) -> list[str]:
+    """Names of the final-state tensors (every .safetensors of the current state: head, generators,
+    prompts) whose dtype, shape or bytes differ between two runs; empty when they are identical."""
+    from cgil.runs import open_run
+    from cgil.tensor_io import load_tensors
+
+    def tensors(run_dir: Path) -> dict:
+        _, state = open_run(run_dir)
+        return {f"{f.name}:{k}": v for f in sorted(state.glob("*.safetensors")) for k, v in load_tensors(f).items()}
+
+    a, b = tensors(run_a), tensors(run_b)
+    return sorted(set(a) ^ set(b)) + [k for k in sorted(set(a) & set(b)) if _bytes(a[k]) != _bytes(b[k])]
+
+
+def _bytes(t) -> tuple:
+    """dtype, shape and raw bytes of a tensor (bf16 included: numpy has no bfloat16, bytes do)."""
+    import torch
+
+    return str(t.dtype), tuple(t.shape), t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()

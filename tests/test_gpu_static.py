@@ -215,3 +215,45 @@ def test_tf32_settings_use_the_new_api_without_raising(setting, expected):
                           cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-1000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
+
+
+# ---- item 6: exact resume on CUDA ----------------------------------------------------------------
+def test_cuda_runs_leave_only_the_deterministic_attention_kernel_on(monkeypatch):
+    import torch
+
+    from cgil.train import deterministic_cuda
+
+    cuda = torch.backends.cuda
+    before = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled(), cuda.math_sdp_enabled())
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    try:
+        deterministic_cuda("cpu")
+        assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()  # the CPU run changes nothing
+        deterministic_cuda("cuda:1")
+        assert not (cuda.flash_sdp_enabled() or cuda.mem_efficient_sdp_enabled() or cuda.cudnn_sdp_enabled())
+        assert cuda.math_sdp_enabled() and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        for enable, on in zip((cuda.enable_flash_sdp, cuda.enable_mem_efficient_sdp, cuda.enable_cudnn_sdp,
+                               cuda.enable_math_sdp), before):
+            enable(on)
+
+
+def test_the_resume_check_compares_every_state_tensor_byte_for_byte(tiny_run, tmp_path):
+    import torch
+
+    from benchmarks.gpu_e2e import differing_state_tensors
+    from cgil.runs import open_run
+    from cgil.tensor_io import load_tensors, save_tensors
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    assert differing_state_tensors(tiny_run, copy) == []
+    _, state = open_run(copy)
+    head = state / "head.safetensors"
+    tensors = load_tensors(head)
+    name = sorted(tensors)[0]
+    t = tensors[name].clone()
+    t.view(-1)[0] = torch.nextafter(t.view(-1)[0], torch.tensor(float("inf"), dtype=t.dtype))  # one ulp
+    save_tensors(head, {**tensors, name: t})
+    assert differing_state_tensors(tiny_run, copy) == [f"head.safetensors:{name}"]
