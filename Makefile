@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean bench-tables
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -n 2 tests
+
+# On a GPU machine: `cgil bench gpu` into the checked-in tables (a plain run writes to $CGIL_CACHE/bench).
+bench-tables: setup
+	$(VENV)/bin/cgil bench gpu --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

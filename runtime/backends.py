@@ -87,18 +87,19 @@ def ort_tensorrt_cache(model: Path, cache_root: Optional[Path] = None) -> Path:
 
 def provider_options(provider: str, precision: str, model: Path, input_name: Optional[str] = None,
                      image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None,
-                     cache_root: Optional[Path] = None) -> dict[str, object]:
+                     cache_root: Optional[Path] = None, device_id: Optional[int] = None) -> dict[str, object]:
     """The TensorRT EP's options: engine and timing caches on disk (one folder per graph), a batch profile
     1..max_batch, and the precision flags the native TensorRT build uses for this precision
     (tensorrt_build.PRECISION_MATH), so no request ever waits for an engine build after the first start."""
+    device: dict[str, object] = {} if device_id is None or provider not in GPU_PROVIDERS else {"device_id": int(device_id)}
     if provider != "TensorrtExecutionProvider":
-        return {}
+        return device
     from .tensorrt_build import PRECISION_MATH
 
     cache = ort_tensorrt_cache(model, cache_root)
     cache.mkdir(parents=True, exist_ok=True)
     math = PRECISION_MATH[precision]
-    opts: dict[str, object] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+    opts: dict[str, object] = {**device, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
                                "trt_fp16_enable": math["fp16"], "trt_int8_enable": math["int8"]}
     if input_name and image_hw and max_batch:
@@ -127,7 +128,8 @@ def check_providers(path: Path, asked: Sequence[str], got: Sequence[str], explic
 
 
 def ort_session(path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0,
-                spinning: bool = True, image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None):
+                spinning: bool = True, image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None,
+                device_id: Optional[int] = None):
     import onnxruntime as ort
 
     explicit = bool(providers)
@@ -144,7 +146,7 @@ def ort_session(path: Path, providers: Optional[Sequence[str]] = None, precision
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     from .format import IMAGE_INPUT
 
-    options = [provider_options(p, precision, path, IMAGE_INPUT, image_hw, max_batch) for p in providers]
+    options = [provider_options(p, precision, path, IMAGE_INPUT, image_hw, max_batch, device_id=device_id) for p in providers]
     try:
         session = _no_fallback_session(ort, path, opts, providers, options)
     except Exception as e:  # onnxruntime raises its own pybind exception types
@@ -173,8 +175,9 @@ class OnnxRuntimeImage:
     name = "onnxruntime"
 
     def __init__(self, path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0,
-                 spinning: bool = True, image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None):
-        self.session = ort_session(path, providers, precision, threads, spinning, image_hw, max_batch)
+                 spinning: bool = True, image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None,
+                 device_id: Optional[int] = None):
+        self.session = ort_session(path, providers, precision, threads, spinning, image_hw, max_batch, device_id)
         self.providers = self.session.get_providers()
         inp = self.session.get_inputs()[0]
         self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name

@@ -88,9 +88,21 @@ def require_tensorrt():
     return trt, cudart
 
 
-def gpu_name() -> str:
+def use_device(index: int) -> None:
+    """Make GPU `index` current for this thread: builds, gpu_name() and engine buffers follow it."""
+    from .tensorrt_backend import _check
+
     _, cudart = require_tensorrt()
-    err, props = cudart.cudaGetDeviceProperties(0)
+    _check(cudart.cudaSetDevice(int(index)))
+
+
+def gpu_name() -> str:
+    """The name of the current GPU (cudaSetDevice / use_device), the one the engine is built for."""
+    from .tensorrt_backend import _check
+
+    _, cudart = require_tensorrt()
+    device = _check(cudart.cudaGetDevice())
+    err, props = cudart.cudaGetDeviceProperties(int(device))
     name = props.name
     return (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
 
