@@ -43,9 +43,10 @@ def _digit_folders(root: Path, per_class: int) -> Path:
 
 
 def setup_demo(ctx) -> dict:
-    """The CLI imports, two folders of new-class images, the three commands."""
-    import cli  # noqa: F401  (the commands below start `python -m cli`: it must import here first)
-
+    """The CLI starts (in a fresh process, as the commands will), two folders of new-class images, the three commands."""
+    proc = _cli("--help", timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`python -m cli --help` failed: {_tail(proc)}")
     run, bundle = ctx.work / "demo-run", ctx.work / "demo-bundle"
     budget = ["--tasks", "2", "--epochs", "1", "--passes", "2"] if ctx.quick else []
     commands = [

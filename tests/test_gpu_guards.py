@@ -236,12 +236,17 @@ def test_cuda_runs_switch_on_deterministic_algorithms(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     deterministic_cuda("cpu")
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()
+    cuda = torch.backends.cuda
+    sdp = [(cuda.enable_flash_sdp, cuda.flash_sdp_enabled()), (cuda.enable_mem_efficient_sdp, cuda.mem_efficient_sdp_enabled()),
+           (cuda.enable_cudnn_sdp, cuda.cudnn_sdp_enabled()), (cuda.enable_math_sdp, cuda.math_sdp_enabled())]
     try:
         deterministic_cuda("cuda:0")
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert torch.are_deterministic_algorithms_enabled()
-    finally:
+    finally:  # process-wide switches (the attention ones steer CPU attention too): later tests get them back
         torch.use_deterministic_algorithms(False)
+        for enable, on in sdp:
+            enable(on)
 
 
 def test_a_cuda_run_is_re_evaluated_on_a_cpu_machine(tiny_run, tmp_path):

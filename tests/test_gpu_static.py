@@ -227,6 +227,8 @@ def test_cuda_runs_leave_only_the_deterministic_attention_kernel_on(monkeypatch)
     before = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled(), cuda.math_sdp_enabled())
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
+        cuda.enable_flash_sdp(True)
+        cuda.enable_mem_efficient_sdp(True)
         deterministic_cuda("cpu")
         assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()  # the CPU run changes nothing
         deterministic_cuda("cuda:1")
