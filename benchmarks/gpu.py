@@ -232,7 +232,7 @@ def run_update(ctx: Context, state: dict[str, Any]) -> None:
     lands on both; each mode reports its median."""
     import torch
 
-    from cgil.generators import make_generators
+    from cgil.generators import GeneratorConfig, make_generators
     from cgil.learner import AlignConfig, Learner
     from cgil.text import normalize
 
@@ -269,8 +269,6 @@ def run_update(ctx: Context, state: dict[str, Any]) -> None:
         runs[mode].append({"fit_s": fit_s, "align_s": align_s,
                            "accuracy": 100.0 * float((pred == state["labels"]).float().mean())})
     if ctx.cuda:
-        from cgil.generators import GeneratorConfig
-
         small = GeneratorConfig(kind="vae", passes=5)  # syncs per fit at 5 passes: enough to see a per-step sync
         _count_host_syncs(ctx, learner, lambda: make_generators(small, ids, dim).fit(train, seed=1))
     results = {mode: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for mode, rs in runs.items()}
