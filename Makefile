@@ -29,9 +29,12 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# Benchmarks write outside the checkout (~/.cache/cgil/bench or --out). Publishing into benchmarks/results and
-# its README is explicit: make bench-tables PUBLISH="~/.cache/cgil/bench/update-amd-epyc-2c.json ..."
+# Benchmarks write outside the checkout ($CGIL_CACHE/bench, ~/.cache/cgil/bench, or --out). Publishing into
+# benchmarks/results and its README is explicit:
+#   make bench-tables PUBLISH="~/.cache/cgil/bench/update-amd-epyc-2c.json ..."   chosen CPU results
+#   make bench-tables GPU=1    on a GPU machine: cgil bench gpu --out benchmarks/results first
 bench-tables: setup
+	$(if $(GPU),$(VENV)/bin/cgil bench gpu --out benchmarks/results)
 	$(PY) -m benchmarks.readme $(if $(PUBLISH),--publish $(PUBLISH))
 
 clean:

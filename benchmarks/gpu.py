@@ -1,7 +1,7 @@
 """`cgil bench gpu`: check and time every GPU path this machine has, in one command (<= 8 min on one H100).
 
     cgil bench gpu                      # everything this machine can run; the rest says why not
-    cgil bench gpu --dry-run            # no GPU work: lists every step as "skipped: no GPU" (the tests run this)
+    cgil bench gpu --dry-run            # no GPU work: runs every step's setup on the CPU, then lists the step skipped
     cgil bench gpu --device cpu --quick # the same steps at toy sizes on the CPU: checks the script itself
 
 Part 1 needs only PyTorch with CUDA (plus small wheels: open_clip, typer, fastapi, ...):
@@ -12,16 +12,20 @@ Part 1 needs only PyTorch with CUDA (plus small wheels: open_clip, typer, fastap
                  ViT-B-16 text tower; batched generators against a per-class loop, with both accuracies
                  (target: batched >= 10x faster, same accuracy)
   demo           the digits demo end to end: cgil train --device cuda, cgil export, cgil update --device cuda
-  torchrun       feature extraction under torchrun, 1 process, NCCL (embeddings equal to one process)
+  torchrun       feature extraction under torchrun, 2 processes (NCCL on 2 GPUs, else gloo): sharding,
+                 gather, cache broadcast and barrier; embeddings equal to one process's
   resume         a CUDA run stopped after task 1 and resumed ends with the same metrics, bit for bit
 Part 2 needs TensorRT 10 and/or onnxruntime-gpu (not on our borrowed GPU machines):
   tensorrt       fp16 and int8 engines of cgil-tiny and ViT-B-16 (static check, build, gates against ORT
                  CPU fp32: min cosine >= 0.999 for fp16, top-1 agreement >= 99%), timed next to ORT CUDA
-Results: benchmarks/results/gpu-<card>.{json,md}; a failing step is recorded and the next one runs.
+Every step is a setup (CPU only: imports, models, inputs, references; --dry-run runs only these) and a
+run. Results go to --out (default: $CGIL_CACHE/bench, outside the checkout; `make bench-tables` writes
+benchmarks/results); a failing step is recorded and the next one runs.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -32,8 +36,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .common import log, machine, markdown_table, write_results
+from .gpu_update import UPDATE_SPEEDUP, run_update, setup_update
 
-TARGETS = {"images_per_s_batch32": 6000.0, "p50_ms_batch1": 3.0, "update_speedup": 10.0}
+TARGETS = {"images_per_s_batch32": 6000.0, "p50_ms_batch1": 3.0, "update_speedup": UPDATE_SPEEDUP}
 COLUMNS = ["part", "step", "item", "status", "p50_ms", "p99_ms", "images_per_s", "seconds", "speedup_x",
            "accuracy", "min_cosine", "top1_agreement", "target", "note"]
 
@@ -46,15 +51,21 @@ class Context:
     deadline: float
     rows: list[dict[str, Any]] = field(default_factory=list)
 
+    dry_run: bool = False
+
     @property
     def cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def index(self) -> int:  # the N of --device cuda:N (0 for plain cuda)
+        return cuda_index(self.device)
 
     def sync(self) -> None:
         if self.cuda:
             import torch
 
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
 
     def add(self, part: int, step: str, item: str, status: str, **values: Any) -> dict[str, Any]:
         row = {"part": part, "step": step, "item": item, "status": status, **values}
@@ -65,18 +76,18 @@ class Context:
 
 # ---------------------------------------------------------------- part 1: PyTorch on CUDA
 
-def step_torch_latency(ctx: Context) -> None:
+def setup_torch_latency(ctx: Context) -> dict[str, Any]:
+    """Models, device-free input batches, CPU fp32 references and zero-shot keys (for scores out)."""
     import torch
 
     from cgil.clip import create_clip, preprocess_config
-    from export.onnx_export import ImageGraph, min_cosine
+    from export.onnx_export import ImageGraph
 
-    from .latency import digits_pixels
-    from .latency_gpu import TorchCudaEmbedder
+    from .latency import digits_pixels, zero_shot_keys
 
-    models = ["cgil-tiny"] if ctx.quick else ["cgil-tiny", "ViT-B-16"]
-    batches, repeats = ([1, 8], 5) if ctx.quick else ([1, 8, 32], 50)
-    for name in models:
+    batches = [1, 8] if ctx.quick else [1, 8, 32]
+    cases = []
+    for name in (["cgil-tiny"] if ctx.quick else ["cgil-tiny", "ViT-B-16"]):
         clip = create_clip(name, None, "cpu", 0)
         cfg = preprocess_config(clip)
         graph = ImageGraph(clip.model, cfg["mean"], cfg["std"]).eval()
@@ -84,20 +95,38 @@ def step_torch_latency(ctx: Context) -> None:
         inputs = {b: np.ascontiguousarray(np.resize(test, (b, *test.shape[1:]))) for b in batches}
         with torch.no_grad():  # CPU fp32 once per batch: the numbers every GPU variant must match
             references = {b: graph(torch.from_numpy(x)).numpy() for b, x in inputs.items()}
+        cases.append({"name": name, "graph": graph, "inputs": inputs, "references": references,
+                      "keys": torch.from_numpy(zero_shot_keys(clip))})
+    return {"cases": cases, "batches": batches, "summary": f"{len(cases)} model(s), CPU fp32 references for batches {batches}"}
+
+
+def run_torch_latency(ctx: Context, state: dict[str, Any]) -> None:
+    import torch
+
+    from export.onnx_export import min_cosine
+
+    from .latency_gpu import TorchCudaEmbedder
+
+    repeats = 5 if ctx.quick else 50
+    for case in state["cases"]:
+        name, graph = case["name"], case["graph"]
         for dtype in ("fp32", "fp16"):
             if not ctx.cuda and dtype == "fp16":
                 continue  # the CPU smoke run checks the timing code, not half precision on a CPU
-            runner = TorchCudaEmbedder(graph, dtype) if ctx.cuda else None
-            for batch in batches:
-                x = torch.from_numpy(inputs[batch]).to(ctx.device)
+            runner = TorchCudaEmbedder(graph, dtype, ctx.device) if ctx.cuda else None
+            keys = case["keys"].to(ctx.device)
+            for batch in state["batches"]:
+                host = case["inputs"][batch]
+                x = torch.from_numpy(host).to(ctx.device)
                 call = (lambda: runner.on_device(x)) if runner else (lambda: graph(x))
                 with torch.no_grad():
                     times = _timed_on_device(ctx, call, repeats)
-                    cosine = min_cosine(call().float().cpu().numpy(), references[batch])
+                    cosine = min_cosine(call().float().cpu().numpy(), case["references"][batch])
                 p50, p99 = float(np.median(times)), float(np.percentile(times, 99))
+                mode = runner.mode if runner else "CPU eager"
                 row = ctx.add(1, "torch-latency", f"{name} {dtype} batch {batch}", "ok", p50_ms=p50, p99_ms=p99,
                               images_per_s=batch / (p50 / 1e3), min_cosine=cosine,
-                              note=(runner.mode if runner else "CPU eager") + (f"; {runner.notes[-1]}" if runner and runner.notes else ""))
+                              note=mode + " (device-resident batch)" + (f"; {runner.notes[-1]}" if runner and runner.notes else ""))
                 if name == "ViT-B-16" and dtype == "fp16" and batch in (1, 32):
                     target = (f">= {TARGETS['images_per_s_batch32']:.0f} images/s" if batch == 32
                               else f"<= {TARGETS['p50_ms_batch1']} ms")
@@ -106,6 +135,24 @@ def step_torch_latency(ctx: Context) -> None:
                 if not cosine >= (0.99 if dtype == "fp16" else 0.9999):
                     row["status"] = "failed"
                     row["note"] += f"; min cosine vs CPU fp32 {cosine:.5f}"
+                _time_end_to_end(ctx, f"{name} {dtype} batch {batch}", host, runner.on_device if runner else graph,
+                                 keys, repeats)
+
+
+def _time_end_to_end(ctx: Context, item: str, host: np.ndarray, embed: Callable[[Any], Any], keys: Any,
+                     repeats: int) -> None:
+    """What a caller waits for: host uint8 pixels in, class scores back on the host (copies and sync included)."""
+    import torch
+
+    from .common import time_call
+
+    def call():
+        with torch.no_grad():
+            return (embed(torch.from_numpy(host).to(ctx.device, non_blocking=False)) @ keys.t()).cpu().numpy()
+
+    stats = time_call(call, warmup=3, repeats=repeats)
+    ctx.add(1, "torch-latency", f"{item} end to end", "ok", p50_ms=stats["p50_ms"], p99_ms=stats["p99_ms"],
+            images_per_s=len(host) / (stats["p50_ms"] / 1e3), note="host uint8 in, scores out (copies included)")
 
 
 def _timed_on_device(ctx: Context, call: Callable[[], Any], repeats: int) -> list[float]:
@@ -131,109 +178,35 @@ def _timed_on_device(ctx: Context, call: Callable[[], Any], repeats: int) -> lis
     return times
 
 
-def _count_host_syncs(ctx: Context, learner: Any, fit: Callable[[], Any]) -> None:
-    """Host/GPU synchronisations per alignment step and per generator fit (torch's sync debug mode):
-    each one stalls the Python thread until the GPU has caught up."""
-    import math
-    import warnings
+from .gpu_e2e import (resume_worker, run_demo, run_resume, run_torchrun, setup_demo, setup_resume,  # noqa: E402
+                      setup_torchrun, torchrun_worker)
+from .gpu_tensorrt import run_tensorrt, setup_tensorrt  # noqa: E402
 
-    import torch
-
-    from cgil.learner import AlignConfig
-
-    counts = {}
-    learner.align_cfg = AlignConfig(epochs=1)
-    steps = math.ceil(learner.prompts.num_classes * learner.align_cfg.samples_per_class / learner.align_cfg.batch_size)
-    for name, fn, per in (("alignment step", lambda: learner.align(learner.replay_source(), seed=4), steps),
-                          ("batched VAE fit of 5 passes", fit, 1)):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        counts[name] = sum("synchronizing" in str(w.message) for w in caught) / per
-    for name, n in counts.items():
-        ctx.add(1, "update", f"host syncs per {name}", "ok", note=f"{n:.1f} (torch.cuda sync debug mode)")
-
-
-def step_update(ctx: Context) -> None:
-    import torch
-
-    from cgil.generators import GeneratorConfig, make_generators
-    from cgil.learner import AlignConfig, Learner
-    from cgil.text import normalize
-
-    from .update import class_names, synthetic_features, text_only_clip
-
-    classes, dim, n, passes, epochs, text_model = (3, 64, 10, 2, 1, "cgil-tiny") if ctx.quick else \
-        (20, 512, 100, 500, 60, "ViT-B-16")
-    feats = synthetic_features(classes, n + 50, dim, seed=0)
-    train = [f[:n].to(ctx.device) for f in feats]
-    test = torch.cat([f[n:] for f in feats])
-    labels = torch.arange(classes).repeat_interleave(50)
-    ids, gen_cfg = list(range(classes)), GeneratorConfig(kind="vae", passes=passes)
-
-    def fit(group_ids: list[int], group_feats: list) -> Any:
-        gen = make_generators(gen_cfg, group_ids, dim)
-        gen.fit(group_feats, seed=1)
-        return gen
-
-    results = {}
-    for mode in ("batched", "per-class loop"):
-        ctx.sync()
-        t0 = time.perf_counter()
-        store = [fit(ids, train)] if mode == "batched" else [fit([c], [train[c]]) for c in ids]
-        ctx.sync()
-        fit_s = time.perf_counter() - t0
-        clip = text_only_clip(text_model)
-        clip.model.to(ctx.device)
-        clip.device = torch.device(ctx.device)
-        if clip.identity.embed_dim != dim:
-            raise RuntimeError(f"{text_model} embeds in {clip.identity.embed_dim} dimensions, not {dim}")
-        learner = Learner(clip, gen_cfg, AlignConfig(epochs=epochs))
-        learner.add_classes(ids, class_names(classes), seed=2)
-        learner.store = store
-        t0 = time.perf_counter()
-        learner.align(learner.replay_source(), seed=3)
-        ctx.sync()
-        align_s = time.perf_counter() - t0
-        pred = (normalize(test.to(ctx.device)) @ learner.head().t()).argmax(1).cpu()
-        results[mode] = {"fit_s": fit_s, "align_s": align_s, "accuracy": 100.0 * float((pred == labels).float().mean())}
-    if ctx.cuda:
-        small = GeneratorConfig(kind="vae", passes=5)  # syncs per fit at 5 passes: enough to see a per-step sync
-        _count_host_syncs(ctx, learner, lambda: make_generators(small, ids, dim).fit(train, seed=1))
-    b, s = results["batched"], results["per-class loop"]
-    speedup = s["fit_s"] / b["fit_s"]
-    for mode, r in results.items():
-        ctx.add(1, "update", f"{mode}: fit {classes} VAE x{passes} passes", "ok", seconds=r["fit_s"], accuracy=r["accuracy"],
-                note=f"alignment {epochs} epochs on the {text_model} text tower: {r['align_s']:.2f} s")
-    same = abs(b["accuracy"] - s["accuracy"]) <= 1.0
-    ctx.add(1, "update", "batched vs per-class loop", "ok" if speedup >= TARGETS["update_speedup"] and same else
-            "below target", speedup_x=speedup, accuracy=b["accuracy"] - s["accuracy"],
-            target=f">= {TARGETS['update_speedup']:.0f}x generator fitting, accuracy within 1 point",
-            note=f"whole update (fit + align): {(s['fit_s'] + s['align_s']) / (b['fit_s'] + b['align_s']):.2f}x; "
-                 "accuracy column: batched minus per-class, points")
-
-
-from .gpu_e2e import resume_worker, step_demo, step_resume, step_torchrun, torchrun_worker  # noqa: E402
-from .gpu_tensorrt import step_tensorrt  # noqa: E402
-
-STEPS: dict[str, tuple[int, Callable[[Context], None]]] = {
-    "torch-latency": (1, step_torch_latency), "update": (1, step_update), "demo": (1, step_demo),
-    "torchrun": (1, step_torchrun), "resume": (1, step_resume), "tensorrt": (2, step_tensorrt),
+Setup = Callable[[Context], dict[str, Any]]
+Run = Callable[[Context, dict[str, Any]], None]
+# name: (part, setup, run). A setup does CPU work only (imports, models, inputs, references, static
+# checks) and is what --dry-run executes; the run is the GPU work.
+STEPS: dict[str, tuple[int, Setup, Run]] = {
+    "torch-latency": (1, setup_torch_latency, run_torch_latency), "update": (1, setup_update, run_update),
+    "demo": (1, setup_demo, run_demo), "torchrun": (1, setup_torchrun, run_torchrun),
+    "resume": (1, setup_resume, run_resume), "tensorrt": (2, setup_tensorrt, run_tensorrt),
 }
+
+
+def default_results_dir() -> Path:
+    """Outside the checkout: a bench run must not dirty the repository unless asked (--out, make bench-tables)."""
+    return Path(os.environ.get("CGIL_CACHE") or Path.home() / ".cache" / "cgil") / "bench"
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(prog="cgil bench gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="No GPU work: list every step as skipped (for the tests)")
+    p.add_argument("--dry-run", action="store_true", help="No GPU work: run every step's CPU setup, list the step skipped")
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a smoke run with --quick")
     p.add_argument("--quick", action="store_true", help="Toy sizes: check that every step runs, not how fast")
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
     p.add_argument("--budget-s", type=float, default=480.0, help="Steps not started within this many seconds are skipped")
-    p.add_argument("--out", default=None, help="Results folder (default benchmarks/results)")
+    p.add_argument("--out", default=None, help="Results folder (default $CGIL_CACHE/bench; benchmarks/results only "
+                                                "when given, as `make bench-tables` does)")
     p.add_argument("--torchrun-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--resume-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -242,28 +215,36 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if args.resume_worker:
         return resume_worker(args.device, Path(args.out), args.quick) or []
     no_gpu = _no_gpu_reason(args.device, args.dry_run)
+    if not no_gpu and args.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(args.device))  # --device cuda:N: default-device tensors, streams and events land on N
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cgil-gpu-") as tmp:
-        ctx = Context(args.device, args.quick, Path(tmp), start + args.budget_s)
+        ctx = Context(args.device, args.quick, Path(tmp), start + args.budget_s, dry_run=args.dry_run)
         for name in args.steps:
-            part, fn = STEPS[name]
-            if no_gpu:
-                ctx.add(part, name, "all", "skipped", note=f"skipped: {no_gpu}")
-            elif time.perf_counter() > ctx.deadline:
+            part, setup, run = STEPS[name]
+            if time.perf_counter() > ctx.deadline:
                 ctx.add(part, name, "all", "skipped", note=f"skipped: the {args.budget_s:.0f} s budget was spent")
-            else:
-                log(f"{name}:")
-                t0 = time.perf_counter()
-                try:
-                    fn(ctx)
-                except Exception as e:  # record it and go on: one broken path must not hide the others
-                    ctx.add(part, name, "all", "failed", seconds=time.perf_counter() - t0,
-                            note=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+                continue
+            log(f"{name}:")
+            t0, stage = time.perf_counter(), "setup"
+            try:
+                state = setup(ctx)
+                if no_gpu:
+                    ctx.add(part, name, "all", "skipped", seconds=time.perf_counter() - t0,
+                            note=f"skipped: {no_gpu}; setup ran: {state.get('summary', 'ok')}")
+                    continue
+                stage = "run"
+                run(ctx, state)
+            except Exception as e:  # record it and go on: one broken path must not hide the others
+                ctx.add(part, name, "all", "failed", seconds=time.perf_counter() - t0,
+                        note=f"{stage}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
     rows = ctx.rows
     meta = {"command": "cgil bench gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": args.device, "quick": args.quick, "dry_run": args.dry_run, "targets": TARGETS,
             "seconds": round(time.perf_counter() - start, 1), "versions": _versions()}
-    path = write_results("gpu", rows, meta, Path(args.out) if args.out else None, COLUMNS)
+    path = write_results("gpu", rows, meta, Path(args.out) if args.out else default_results_dir(), COLUMNS)
     print(f"\nmachine: {machine()}\n")
     print(markdown_table(rows, COLUMNS))
     skipped = [r for r in rows if r["status"] == "skipped"]
@@ -271,6 +252,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         print("skipped:\n" + "\n".join(f"  {r['step']} ({r['item']}): {r['note']}" for r in skipped))
     print(f"results: {path}")
     return rows
+
+
+def cuda_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
 
 
 def _no_gpu_reason(device: str, dry_run: bool) -> Optional[str]:
@@ -281,7 +266,10 @@ def _no_gpu_reason(device: str, dry_run: bool) -> Optional[str]:
     try:
         import torch
 
-        return None if torch.cuda.is_available() else "no GPU (torch.cuda.is_available() is False)"
+        if not torch.cuda.is_available():
+            return "no GPU (torch.cuda.is_available() is False)"
+        count = torch.cuda.device_count()
+        return None if cuda_index(device) < count else f"no GPU {cuda_index(device)} ({count} visible)"
     except ImportError:
         return "no GPU (torch is not installed)"
 

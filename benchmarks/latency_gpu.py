@@ -34,12 +34,13 @@ class TorchCudaEmbedder:
     whose capture fails falls back to eager calls, and `mode` says which one ran.
     """
 
-    def __init__(self, graph: Any, dtype: str = "fp16", cuda_graphs: bool = True):
+    def __init__(self, graph: Any, dtype: str = "fp16", device: str = "cuda", cuda_graphs: bool = True):
         import torch
 
         require_cuda()
         self.torch = torch
-        self.graph = copy.deepcopy(graph).cuda().eval()
+        self.device = torch.device(device)  # cuda:N: the model, the captured graphs and their inputs live on N
+        self.graph = copy.deepcopy(graph).to(self.device).eval()
         self.half = dtype == "fp16"
         if self.half:
             self.graph.model.half()
@@ -56,8 +57,8 @@ class TorchCudaEmbedder:
 
     def _capture(self, shape: tuple):
         torch = self.torch
-        static_in = torch.zeros(shape, dtype=torch.uint8, device="cuda")
-        side = torch.cuda.Stream()
+        static_in = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+        side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(side):
             for _ in range(3):  # warm-up on a side stream, as torch.cuda.graph requires
@@ -90,11 +91,11 @@ class TorchCudaEmbedder:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Host in, host out (the copies count): what a caller of the latency table waits for."""
         torch = self.torch
-        gpu = torch.from_numpy(np.ascontiguousarray(pixels)).cuda(non_blocking=True)
+        gpu = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
         return self.on_device(gpu).cpu().numpy()
 
 
-def ort_cuda_session_or_raise(path, precision: str = "fp32"):
+def ort_cuda_session_or_raise(path, precision: str = "fp32", device_id: int = 0):
     """An ONNX Runtime image backend on the CUDA EP, or Unavailable (CPU wheel, missing CUDA libs)."""
     import onnxruntime as ort
 
@@ -106,22 +107,24 @@ def ort_cuda_session_or_raise(path, precision: str = "fp32"):
         raise Unavailable("onnxruntime-gpu not installed (onnxruntime has no CUDAExecutionProvider"
                           + (f"; {conflict}" if conflict else "") + ")")
     try:
-        return OnnxRuntimeImage(path, ["CUDAExecutionProvider"], precision)
+        return OnnxRuntimeImage(path, ["CUDAExecutionProvider"], precision, device_id=device_id)
     except CgilError as e:  # the CUDA EP could not start: check_providers names why
         raise Unavailable(str(e)) from e
 
 
 def tensorrt_engine_or_raise(path, precision: str, image_hw: tuple[int, int], embed_dim: int,
-                             max_batch: int = ENGINE_MAX_BATCH, cache_dir: Optional[Any] = None):
-    """A TensorRT engine of the ONNX graph at `path` (static check, build, deserialize), or Unavailable."""
+                             max_batch: int = ENGINE_MAX_BATCH, cache_dir: Optional[Any] = None, device_index: int = 0):
+    """A TensorRT engine of the ONNX graph at `path` (static check, build, deserialize) on GPU
+    `device_index`, or Unavailable."""
     from export.tensorrt_check import require_tensorrt_compatible
     from runtime.errors import CgilError
-    from runtime.tensorrt_build import build_engine, require_tensorrt
+    from runtime.tensorrt_build import build_engine, require_tensorrt, use_device
 
     try:
         require_tensorrt()
     except CgilError as e:
         raise Unavailable(str(e)) from e
+    use_device(device_index)  # the build, the plan's GPU key and the engine's buffers: all on this GPU
     from runtime.tensorrt_backend import TensorRTEngine
 
     require_tensorrt_compatible(path)

@@ -35,8 +35,22 @@ def device_facts(device: torch.device) -> dict:
     """What, besides the model, decides a GPU's features: the card and whether TF32 is on."""
     if device.type != "cuda":
         return {}
-    return {"device": "cuda", "gpu": torch.cuda.get_device_name(device),
-            "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32), "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32)}
+    return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), **tf32_settings()}
+
+
+def tf32_settings() -> dict:
+    """Whether CUDA matmuls and cuDNN convolutions may use TF32, read through torch's fp32_precision API
+    (torch >= 2.9): once any fp32_precision is set, reading the legacy `allow_tf32` flags can raise.
+    Setting a parent (global, cudnn) writes its value into the per-op settings read here; "none" means
+    nothing was set through the new API, and only then is the legacy flag read (so on older torch too)."""
+    b = torch.backends
+
+    def resolve(holder, legacy) -> bool:
+        value = getattr(holder, "fp32_precision", None)
+        return value == "tf32" if value not in (None, "none") else bool(legacy())
+
+    return {"tf32_matmul": resolve(b.cuda.matmul, lambda: b.cuda.matmul.allow_tf32),
+            "tf32_cudnn": resolve(getattr(b.cudnn, "conv", None), lambda: b.cudnn.allow_tf32)}
 
 
 def cache_key(clip: FrozenClip, dataset: ImageDataset, split: str, classes: Sequence[int],

@@ -76,12 +76,23 @@ def deterministic_cuda(device: str) -> None:
     cuBLAS gets a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when its first handle is made, so
     this runs before the model is created). warn_only: an op without a deterministic CUDA kernel
     warns with its name instead of stopping the run; `cgil bench gpu` checks resume on CUDA.
+
+    warn_only would also let scaled_dot_product_attention keep its flash / memory-efficient / cuDNN
+    kernels, whose backward passes accumulate in a run-dependent order: the prompts' gradients flow
+    through the text tower's attention, so only the math kernel (matmuls + softmax, deterministic
+    under the settings above) is left on. Slower attention, but resume is promised exact.
     """
     if not str(device).startswith("cuda"):
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    cuda = torch.backends.cuda
+    cuda.enable_flash_sdp(False)
+    cuda.enable_mem_efficient_sdp(False)
+    if hasattr(cuda, "enable_cudnn_sdp"):
+        cuda.enable_cudnn_sdp(False)
+    cuda.enable_math_sdp(True)
 
 
 @dataclass

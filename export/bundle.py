@@ -194,6 +194,8 @@ def export_bundle(run_dir: Path, out: Path, format: str = "onnx", precision: str
 
         text = _export_text(clip, learner, tmp, checks, report) if text else None
         engine: dict[str, Any] = {"image": IMAGE_ONNX}
+        if precision == "int8":  # which int8 graph image.onnx is: the runtime's TensorRT backend reads it
+            engine["int8"] = "tensorrt" if trt else "cpu"
         h, w = preprocess["size"]
         plan = None
         if trt:

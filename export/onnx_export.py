@@ -216,8 +216,30 @@ def export_image(clip: FrozenClip, preprocess: dict[str, Any], path: Path, expor
     h, w = preprocess["size"]
     graph = ImageGraph(clip.model, preprocess["mean"], preprocess["std"])
     example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
-    return export_graph(graph, (example,), path, [IMAGE_INPUT], [IMAGE_OUTPUT], {IMAGE_INPUT: {0: "batch"}},
-                        exporter=exporter)
+    export_graph(graph, (example,), path, [IMAGE_INPUT], [IMAGE_OUTPUT], {IMAGE_INPUT: {0: "batch"}}, exporter=exporter)
+    return shapes_after_the_cast(path)
+
+
+def shapes_after_the_cast(path: Path) -> Path:
+    """Read the pixels' shape from their float Cast, not from the uint8 input itself.
+
+    torch.export writes a Shape on the uint8 input for the symbolic batch axis; TensorRT accepts uint8
+    only as a network input feeding a Cast (export/tensorrt_check.py), and the Cast has the same shape.
+    The Cast moves to the front of the node list (it reads only the input) so the graph stays sorted.
+    """
+    model = onnx.load(str(path))
+    nodes = list(model.graph.node)
+    casts = [n for n in nodes if n.op_type == "Cast" and IMAGE_INPUT in n.input]
+    readers = [n for n in nodes if n.op_type in ("Shape", "Size") and IMAGE_INPUT in n.input]
+    if not casts or not readers:
+        return path
+    for node in readers:
+        node.input[0] = casts[0].output[0]
+    del model.graph.node[:]
+    model.graph.node.extend(casts + [n for n in nodes if n not in casts])
+    onnx.save(model, str(path))
+    check_onnx(path)
+    return path
 
 
 def export_text(clip: FrozenClip, eot_id: int, example_tokens: torch.Tensor, context: torch.Tensor,

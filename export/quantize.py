@@ -22,19 +22,21 @@ FP16_KEEP_FP32 = ["LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "Re
 
 
 def to_fp16(src: Path, dst: Path) -> Path:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    onnx.save(_half(onnx.load(str(src))), str(dst))
+    check_onnx(dst)
+    return dst
 
-    model = onnx.load(str(src))
+
+def _half(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
     del model.graph.value_info[:]  # stale fp32 annotations of intermediates would contradict the new types
     # keep_io_types: the graph still takes uint8 pixels and returns fp32 embeddings.
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32)
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
     wrapped = OnnxModel(half)
     wrapped.topological_sort()  # the converter appends its Cast nodes at the end of the node list
-    onnx.save(wrapped.model, str(dst))
-    check_onnx(dst)
-    return dst
+    return wrapped.model
 
 
 class _Calibration:
@@ -66,7 +68,9 @@ def to_int8(src: Path, dst: Path, calibration: list[np.ndarray], target: str = "
     attention products: quantizing those cost 4-5 points of top-1 agreement with fp32 on digits
     for a few percent of the FLOPs.
 
-    target="tensorrt": int8 activations with zero point 0 and float biases (see INT8_TARGETS).
+    target="tensorrt": int8 activations with zero point 0 and float biases (see INT8_TARGETS), in the
+    fp16 graph: every op outside the Q/DQ pairs computes in half (LayerNorm, softmax and the final norm
+    stay fp32, as in to_fp16).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -94,8 +98,21 @@ def to_int8(src: Path, dst: Path, calibration: list[np.ndarray], target: str = "
                            # Biases stay float for TensorRT (it has no int32 DequantizeLinear).
                            **({"QuantizeBias": False} if symmetric else {})},
         )
+        if symmetric:
+            # TensorRT's int8 graph is the fp16 graph with Q/DQ: everything around the int8 matmuls runs
+            # in half, as in the fp16 engine (and as the TensorRT EP's fp16 flag would pick). fp16 Q/DQ
+            # scales need opset 19 (opset 18's QuantizeLinear/DequantizeLinear take float scales only);
+            # no op of these graphs changed meaning between 18 and 19.
+            model = onnx.load(str(dst))
+            for op in model.opset_import:
+                if op.domain in ("", "ai.onnx"):
+                    op.version = max(op.version, QDQ_FP16_OPSET)
+            onnx.save(_half(model), str(dst))
     check_onnx(dst)
     return dst
+
+
+QDQ_FP16_OPSET = 19
 
 
 def _float_nodes(path: Path) -> list[str]:

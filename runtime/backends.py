@@ -58,30 +58,47 @@ def choose_providers(requested: Optional[Sequence[str]] = None) -> list[str]:
 
 def preload_cuda_libraries() -> None:
     """Load CUDA/cuDNN from the nvidia-* pip wheels (ORT >= 1.21), so that the torch-free runtime finds
-    them as torch would; with system-wide CUDA libraries this finds nothing and changes nothing."""
+    them as torch would; with system-wide CUDA libraries this finds nothing and changes nothing.
+    ORT prints its warnings here with print(): they go to stderr, so `predict --json` stays JSON."""
+    import contextlib
+    import sys
+
     import onnxruntime as ort
 
     if hasattr(ort, "preload_dlls"):
         try:
-            ort.preload_dlls()
+            with contextlib.redirect_stdout(sys.stderr):
+                ort.preload_dlls()
         except Exception:  # libraries elsewhere (system CUDA): session creation reports what is missing
             pass
 
 
-def provider_options(provider: str, precision: str, input_name: Optional[str] = None,
-                     image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None,
-                     cache_dir: Optional[Path] = None) -> dict[str, object]:
-    """The TensorRT EP's options: engine and timing caches on disk, a batch profile 1..max_batch, and
-    the precision of the graph, so no request ever waits for an engine build after the first start."""
-    if provider != "TensorrtExecutionProvider":
-        return {}
-    from .artifacts import cache_root
+def ort_tensorrt_cache(model: Path, root: Optional[Path] = None) -> Path:
+    """The TensorRT EP's engine and timing cache folder of one image graph. ORT names its cached engines
+    after the graph's structure and input shapes, not its weights: two bundles of one architecture
+    would load each other's engines, so every graph (by the sha256 of its file) gets its own folder."""
+    from .artifacts import cache_root, sha256_file
 
-    cache = Path(cache_dir or cache_root("ort-tensorrt"))
+    return Path(root or cache_root("ort-tensorrt")) / sha256_file(model)[:24]
+
+
+def provider_options(provider: str, precision: str, model: Path, input_name: Optional[str] = None,
+                     image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None,
+                     cache_root: Optional[Path] = None, device_id: Optional[int] = None) -> dict[str, object]:
+    """The TensorRT EP's options: engine and timing caches on disk (one folder per graph), a batch profile
+    1..max_batch, and the precision flags the native TensorRT build uses for this precision
+    (tensorrt_build.PRECISION_MATH), so no request ever waits for an engine build after the first start."""
+    device: dict[str, object] = {} if device_id is None or provider not in GPU_PROVIDERS else {"device_id": int(device_id)}
+    if provider != "TensorrtExecutionProvider":
+        return device
+    from .tensorrt_build import PRECISION_MATH
+
+    cache = ort_tensorrt_cache(model, cache_root)
     cache.mkdir(parents=True, exist_ok=True)
-    opts: dict[str, object] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+    math = PRECISION_MATH[precision]
+    opts: dict[str, object] = {**device, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
-                               "trt_fp16_enable": precision in ("fp16", "int8"), "trt_int8_enable": precision == "int8"}
+                               "trt_fp16_enable": math["fp16"], "trt_int8_enable": math["int8"]}
     if input_name and image_hw and max_batch:
         h, w = image_hw
         shape = lambda b: f"{input_name}:{b}x{h}x{w}x3"  # noqa: E731
@@ -108,7 +125,8 @@ def check_providers(path: Path, asked: Sequence[str], got: Sequence[str], explic
 
 
 def ort_session(path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0,
-                spinning: bool = True, image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None):
+                spinning: bool = True, image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None,
+                device_id: Optional[int] = None):
     import onnxruntime as ort
 
     explicit = bool(providers)
@@ -125,12 +143,28 @@ def ort_session(path: Path, providers: Optional[Sequence[str]] = None, precision
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     from .format import IMAGE_INPUT
 
-    options = [provider_options(p, precision, IMAGE_INPUT, image_hw, max_batch) for p in providers]
+    options = [provider_options(p, precision, path, IMAGE_INPUT, image_hw, max_batch, device_id=device_id) for p in providers]
     try:
-        session = ort.InferenceSession(str(path), opts, providers=providers, provider_options=options)
+        session = _no_fallback_session(ort, path, opts, providers, options)
     except Exception as e:  # onnxruntime raises its own pybind exception types
-        raise CgilError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from e
+        if explicit or providers == ["CPUExecutionProvider"]:
+            raise CgilError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from e
+        session = _no_fallback_session(ort, path, opts, ["CPUExecutionProvider"], [{}])  # "auto": say so below
     check_providers(path, providers, session.get_providers(), explicit)
+    return session
+
+
+def _no_fallback_session(ort, path: Path, opts, providers: Sequence[str], options: list):
+    """An InferenceSession that never swaps providers by itself: ORT's Python fallback (at creation and
+    on a failed run) would move a GPU session to the CPU and print about it on stdout. cgil decides
+    instead (check_providers), and whatever ORT prints goes to stderr."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        session = ort.InferenceSession(str(path), opts, providers=list(providers), provider_options=options,
+                                       enable_fallback=0)
+    session.disable_fallback()
     return session
 
 
@@ -138,8 +172,9 @@ class OnnxRuntimeImage:
     name = "onnxruntime"
 
     def __init__(self, path: Path, providers: Optional[Sequence[str]] = None, precision: str = "fp32", threads: int = 0,
-                 spinning: bool = True, image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None):
-        self.session = ort_session(path, providers, precision, threads, spinning, image_hw, max_batch)
+                 spinning: bool = True, image_hw: Optional[tuple[int, int]] = None, max_batch: Optional[int] = None,
+                 device_id: Optional[int] = None):
+        self.session = ort_session(path, providers, precision, threads, spinning, image_hw, max_batch, device_id)
         self.providers = self.session.get_providers()
         inp = self.session.get_inputs()[0]
         self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name
@@ -206,3 +241,19 @@ def make_backend(backend: Union[str, ImageBackend], bundle: Path, manifest: "Bun
     from .tensorrt_backend import TensorRTImage
 
     return TensorRTImage(bundle, manifest)
+
+
+def int8_graph_is_tensorrts(manifest: "BundleManifest") -> bool:
+    """Whether an int8 bundle's image.onnx is the TensorRT int8 graph (symmetric int8 Q/DQ, float
+    biases): export records it in engine["int8"]; bundles from before that record are TensorRT's
+    exactly when they carry a TensorRT plan (only --format tensorrt quantized for TensorRT)."""
+    return manifest.engine.get("int8", "tensorrt" if manifest.engine.get("tensorrt") else "cpu") == "tensorrt"
+
+
+def refuse_cpu_int8_for_tensorrt(manifest: "BundleManifest") -> None:
+    """TensorRT would rebuild from the bundle's image.onnx; an int8 graph quantized for ONNX Runtime's CPU
+    kernels (uint8 activations, non-zero zero points, int32 bias) is one TensorRT cannot build."""
+    if manifest.precision == "int8" and not int8_graph_is_tensorrts(manifest):
+        raise CgilError("--backend tensorrt: this int8 bundle's image graph is quantized for ONNX Runtime on the CPU "
+                        "(uint8 activations, int32 bias), which TensorRT cannot build; use --backend onnxruntime, or "
+                        "export for TensorRT: cgil export RUN --format tensorrt --precision int8")

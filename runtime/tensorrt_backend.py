@@ -97,7 +97,10 @@ class TensorRTImage(TensorRTEngine):
     """The bundle's engine: its own plan when it was built for this TensorRT and GPU, else rebuilt."""
 
     def __init__(self, bundle: Path, manifest: BundleManifest):
+        from .backends import refuse_cpu_int8_for_tensorrt
         from .tensorrt_build import build_engine, gpu_name, require_tensorrt
+
+        refuse_cpu_int8_for_tensorrt(manifest)  # before TensorRT is looked for: the graph is the problem
 
         trt, _ = require_tensorrt()
         h, w = manifest.preprocess["size"]

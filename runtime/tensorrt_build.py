@@ -3,8 +3,9 @@
 Written against the TensorRT 10 Python API (builder + ONNX parser + optimisation profile + timing
 cache), pinned to one major: TensorRT 11 drops BuilderFlag.FP16/INT8 (deprecated since 10.12) and
 onnxruntime-gpu links libnvinfer.so.10. Networks are built strongly typed: the fp16 graph carries its
-half-precision types and the int8 graph its Q/DQ nodes, so no precision flags are set and TensorRT
-cannot silently pick other precisions than the ones of the checked ONNX graph.
+half-precision types and the int8 graph its Q/DQ nodes, so no FP16/INT8 flags are set and TensorRT
+cannot silently pick other precisions than the ones of the checked ONNX graph; fp32 engines have TF32
+cleared (PRECISION_MATH, shared with ONNX Runtime's TensorRT EP options).
 
 A serialized engine only runs on the TensorRT version and GPU that built it, so engines are
 cached under a key of (ONNX sha256, TensorRT version, GPU name, precision, profile): a new driver
@@ -38,6 +39,26 @@ def import_cudart():
 
 TENSORRT_MAJOR = 10  # = pyproject's tensorrt extra (tensorrt>=10,<11)
 
+# The math TensorRT may use for each bundle precision, one table for both ways cgil gets an engine:
+# the native build here (strongly typed: the graph's types decide fp16/int8, so only TF32 is a flag)
+# and ONNX Runtime's TensorRT EP (weakly typed: "fp16"/"int8" become trt_fp16_enable/trt_int8_enable).
+# fp32 engines are gated at cosine >= 0.9999 against fp32, so TF32 (TensorRT's default, 10-bit
+# mantissas in matmuls) is cleared for them; fp16 and int8 engines already compute in half.
+# The int8 graph for TensorRT is the fp16 graph with Q/DQ around its weight matmuls (export/quantize.py).
+PRECISION_MATH = {"fp32": {"fp16": False, "int8": False, "tf32": False},
+                  "fp16": {"fp16": True, "int8": False, "tf32": True},
+                  "int8": {"fp16": True, "int8": True, "tf32": True}}
+
+
+def configure_builder(trt: Any, config: Any, precision: str) -> None:
+    """The builder-config flags of a strongly typed build of `precision`: no FP16/INT8 flags (a strongly
+    typed network refuses them; TensorRT's docs: explicit quantization needs no precision flags), and
+    TF32 cleared unless PRECISION_MATH allows it."""
+    if precision not in PRECISION_MATH:
+        raise CgilError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISION_MATH)}")
+    if not PRECISION_MATH[precision]["tf32"]:
+        config.clear_flag(trt.BuilderFlag.TF32)
+
 
 def check_tensorrt_version(version: str) -> None:
     """Refuse any TensorRT but the major this module is written for, with what to install."""
@@ -66,9 +87,21 @@ def require_tensorrt():
     return trt, cudart
 
 
-def gpu_name() -> str:
+def use_device(index: int) -> None:
+    """Make GPU `index` current for this thread: builds, gpu_name() and engine buffers follow it."""
+    from .tensorrt_backend import _check
+
     _, cudart = require_tensorrt()
-    err, props = cudart.cudaGetDeviceProperties(0)
+    _check(cudart.cudaSetDevice(int(index)))
+
+
+def gpu_name() -> str:
+    """The name of the current GPU (cudaSetDevice / use_device), the one the engine is built for."""
+    from .tensorrt_backend import _check
+
+    _, cudart = require_tensorrt()
+    device = _check(cudart.cudaGetDevice())
+    err, props = cudart.cudaGetDeviceProperties(int(device))
     name = props.name
     return (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
 
@@ -80,6 +113,7 @@ def default_cache_dir() -> Path:
 def cache_key(onnx_sha256: str, precision: str, image_hw: tuple[int, int], max_batch: int) -> dict[str, Any]:
     trt, _ = require_tensorrt()
     return {"onnx_sha256": onnx_sha256, "tensorrt": trt.__version__, "gpu": gpu_name(), "precision": precision,
+            "tf32": PRECISION_MATH[precision]["tf32"],  # engines cached before TF32 was cleared for fp32 do not match
             "profile": {"min": [1, *image_hw, 3], "opt": [max(1, max_batch // 2), *image_hw, 3],
                         "max": [max_batch, *image_hw, 3]}}
 
@@ -109,8 +143,9 @@ def build_engine(onnx_path: Path, precision: str, image_hw: tuple[int, int], max
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CgilError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    # No FP16/INT8 builder flags: a strongly typed network refuses them. fp16 comes from the fp16
-    # graph's types, int8 from the Q/DQ nodes of the int8 graph (explicit quantization, no calibrator).
+    # fp16 comes from the fp16 graph's types, int8 from the Q/DQ nodes of the int8 graph (explicit
+    # quantization, no calibrator); the flags are configure_builder's.
+    configure_builder(trt, config, precision)
     h, w = image_hw
     profile = builder.create_optimization_profile()
     p = key["profile"]

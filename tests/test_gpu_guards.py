@@ -178,9 +178,11 @@ def test_both_onnxruntime_wheels_installed_is_named(tmp_path, monkeypatch):
 def test_tensorrt_ep_gets_caches_profiles_and_precision(tmp_path):
     from runtime.backends import provider_options
 
-    assert provider_options("CUDAExecutionProvider", "fp16") == {}
-    opts = provider_options("TensorrtExecutionProvider", "fp16", "pixels", (224, 224), 32, cache_dir=tmp_path)
-    assert opts["trt_engine_cache_enable"] and opts["trt_engine_cache_path"] == str(tmp_path)
+    graph = tmp_path / "image.onnx"
+    graph.write_bytes(b"graph")
+    assert provider_options("CUDAExecutionProvider", "fp16", graph) == {}
+    opts = provider_options("TensorrtExecutionProvider", "fp16", graph, "pixels", (224, 224), 32, cache_root=tmp_path)
+    assert opts["trt_engine_cache_enable"] and Path(opts["trt_engine_cache_path"]).parent == tmp_path
     assert opts["trt_timing_cache_enable"] and opts["trt_fp16_enable"] and not opts["trt_int8_enable"]
     assert (opts["trt_profile_min_shapes"], opts["trt_profile_opt_shapes"], opts["trt_profile_max_shapes"]) == (
         "pixels:1x224x224x3", "pixels:16x224x224x3", "pixels:32x224x224x3")
@@ -233,12 +235,17 @@ def test_cuda_runs_switch_on_deterministic_algorithms(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     deterministic_cuda("cpu")
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()
+    cuda = torch.backends.cuda
+    sdp = [(cuda.enable_flash_sdp, cuda.flash_sdp_enabled()), (cuda.enable_mem_efficient_sdp, cuda.mem_efficient_sdp_enabled()),
+           (cuda.enable_cudnn_sdp, cuda.cudnn_sdp_enabled()), (cuda.enable_math_sdp, cuda.math_sdp_enabled())]
     try:
         deterministic_cuda("cuda:0")
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert torch.are_deterministic_algorithms_enabled()
-    finally:
+    finally:  # process-wide switches (the attention ones steer CPU attention too): later tests get them back
         torch.use_deterministic_algorithms(False)
+        for enable, on in sdp:
+            enable(on)
 
 
 def test_a_cuda_run_is_re_evaluated_on_a_cpu_machine(tiny_run, tmp_path):
