@@ -106,11 +106,31 @@ def bundle(base_bundle, tmp_path) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_graphs(tmp_path_factory):
+    """The tiny model's image graph at every precision, as `cgil export` writes them."""
+    from cgil.clip import create_clip, preprocess_config
+    from export.onnx_export import export_image
+    from export.quantize import to_fp16, to_int8
+
+    from benchmarks.latency import digits_pixels
+
+    clip = create_clip("cgil-tiny", None, "cpu", 0)
+    cfg = preprocess_config(clip)
+    d = tmp_path_factory.mktemp("graphs")
+    fp32 = export_image(clip, cfg, d / "fp32.onnx")
+    calibration, _ = digits_pixels(cfg, "train", 64)
+    batches = [calibration[i:i + 16] for i in range(0, len(calibration), 16)]
+    return {"clip": clip, "preprocess": cfg, "fp32": fp32, "fp16": to_fp16(fp32, d / "fp16.onnx"),
+            "int8-tensorrt": to_int8(fp32, d / "int8-trt.onnx", batches, target="tensorrt"),
+            "int8-cpu": to_int8(fp32, d / "int8-cpu.onnx", batches, target="cpu")}
+
+
 # ---- test tiers (pyproject markers; `make test-fast` runs -m "not slow and not gpu") ---------------
 # A test that asks for one of these fixtures waits for a training run and an export (or a copy of one):
 # it is slow by what it needs, so it is marked here rather than by hand in each module.
 SLOW_FIXTURES = frozenset({"tiny_run", "fp32_bundle", "int8_bundle", "base_bundle", "bundle",
-                           "folder_run", "tiny_graphs", "device_venv", "relative_run"})  # the last four: module fixtures
+                           "folder_run", "tiny_graphs", "device_venv", "relative_run"})
 
 
 def pytest_collection_modifyitems(config, items):

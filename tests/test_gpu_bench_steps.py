@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,6 +21,7 @@ def test_results_go_outside_the_checkout_unless_asked(tmp_path, monkeypatch):
     assert "bench gpu --out benchmarks/results" in (ROOT / "Makefile").read_text()  # `make bench-tables`
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_torchrun_step_starts_two_ranks_that_shard_gather_and_share_the_cache(tmp_path):
     """Two real gloo processes under torchrun on the CPU: what a machine with one GPU runs too."""
     from benchmarks import gpu

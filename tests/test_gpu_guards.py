@@ -19,26 +19,6 @@ import torch
 from runtime.errors import CgilError
 
 
-@pytest.fixture(scope="module")
-def tiny_graphs(tmp_path_factory):
-    """The tiny model's image graph at every precision, as `cgil export` writes them."""
-    from cgil.clip import create_clip, preprocess_config
-    from export.onnx_export import export_image
-    from export.quantize import to_fp16, to_int8
-
-    from benchmarks.latency import digits_pixels
-
-    clip = create_clip("cgil-tiny", None, "cpu", 0)
-    cfg = preprocess_config(clip)
-    d = tmp_path_factory.mktemp("graphs")
-    fp32 = export_image(clip, cfg, d / "fp32.onnx")
-    calibration, _ = digits_pixels(cfg, "train", 64)
-    batches = [calibration[i:i + 16] for i in range(0, len(calibration), 16)]
-    return {"clip": clip, "preprocess": cfg, "fp32": fp32, "fp16": to_fp16(fp32, d / "fp16.onnx"),
-            "int8-tensorrt": to_int8(fp32, d / "int8-trt.onnx", batches, target="tensorrt"),
-            "int8-cpu": to_int8(fp32, d / "int8-cpu.onnx", batches, target="cpu")}
-
-
 # ---- the static TensorRT check -------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-tensorrt"])
 def test_every_precision_for_tensorrt_passes_the_static_check(tiny_graphs, precision):

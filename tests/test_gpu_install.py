@@ -44,6 +44,7 @@ def _index_reachable() -> str | None:
         return f"the package index cannot be reached ({e})"
 
 
+@pytest.mark.slow  # resolves against the package index
 def test_the_documented_gpu_install_resolves_to_one_onnxruntime_with_its_cuda_libraries(tmp_path):
     if not (sys.platform == "linux" and platform.machine() == "x86_64"):
         pytest.skip("onnxruntime-gpu's CUDA wheels are resolved for Linux x86_64 only in this test")

@@ -19,12 +19,10 @@ import numpy as np
 import pytest
 
 from runtime.errors import CgilError
-from test_export import int8_bundle  # noqa: F401  (fixture)
-from test_gpu_guards import tiny_graphs  # noqa: F401  (fixture)
 
 
 # ---- item 2: --backend tensorrt on a CPU int8 bundle ---------------------------------------------
-def test_tensorrt_backend_refuses_the_cpu_int8_graph_in_one_line(int8_bundle, tmp_path):  # noqa: F811
+def test_tensorrt_backend_refuses_the_cpu_int8_graph_in_one_line(int8_bundle, tmp_path):
     from typer.testing import CliRunner
 
     from cli import app
@@ -42,7 +40,7 @@ def test_tensorrt_backend_refuses_the_cpu_int8_graph_in_one_line(int8_bundle, tm
 
 
 # ---- item 4: one TensorRT EP cache folder per graph ----------------------------------------------
-def test_tensorrt_ep_caches_are_keyed_by_the_graphs_sha256(tiny_graphs, tmp_path):  # noqa: F811
+def test_tensorrt_ep_caches_are_keyed_by_the_graphs_sha256(tiny_graphs, tmp_path):
     from runtime.artifacts import sha256_file
     from runtime.backends import provider_options
 
@@ -111,7 +109,7 @@ def test_the_build_uses_configure_builder_and_keys_engines_by_tf32():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_tensorrt_ep_precision_options_follow_the_native_table(tiny_graphs, tmp_path, precision):  # noqa: F811
+def test_tensorrt_ep_precision_options_follow_the_native_table(tiny_graphs, tmp_path, precision):
     from runtime.backends import provider_options
     from runtime.tensorrt_build import PRECISION_MATH
 
@@ -122,7 +120,7 @@ def test_tensorrt_ep_precision_options_follow_the_native_table(tiny_graphs, tmp_
 
 
 # ---- item 9: no silent fallback, nothing on stdout -----------------------------------------------
-def test_ort_sessions_have_fallback_disabled_and_print_nothing(tiny_graphs, capsys):  # noqa: F811
+def test_ort_sessions_have_fallback_disabled_and_print_nothing(tiny_graphs, capsys):
     from runtime.backends import OnnxRuntimeImage, preload_cuda_libraries
 
     backend = OnnxRuntimeImage(tiny_graphs["fp32"], ["CPUExecutionProvider"])
@@ -133,7 +131,7 @@ def test_ort_sessions_have_fallback_disabled_and_print_nothing(tiny_graphs, caps
 
 # ---- items 3 and 8: both exporters, every precision, int8 on the fp16 graph ----------------------
 @pytest.fixture(scope="module")
-def dynamo_graphs(tiny_graphs, tmp_path_factory):  # noqa: F811
+def dynamo_graphs(tiny_graphs, tmp_path_factory):
     """The image graphs as the torch.export fallback of `cgil export` writes them."""
     from export.onnx_export import export_image
     from export.quantize import to_fp16, to_int8
@@ -156,7 +154,7 @@ def test_the_dynamo_fallback_passes_the_tensorrt_check_at_every_precision(dynamo
     assert tensorrt_problems(dynamo_graphs[precision]) == []
 
 
-def test_the_dynamo_graph_reads_the_batch_from_the_cast_and_equals_the_traced_one(tiny_graphs, dynamo_graphs):  # noqa: F811
+def test_the_dynamo_graph_reads_the_batch_from_the_cast_and_equals_the_traced_one(tiny_graphs, dynamo_graphs):
     import onnx
 
     from benchmarks.latency import digits_pixels
@@ -171,7 +169,7 @@ def test_the_dynamo_graph_reads_the_batch_from_the_cast_and_equals_the_traced_on
     assert min_cosine(embed(dynamo_graphs["fp32"]), embed(tiny_graphs["fp32"])) >= 0.9999
 
 
-def test_the_tensorrt_int8_graph_computes_in_half_around_its_int8_matmuls(tiny_graphs):  # noqa: F811
+def test_the_tensorrt_int8_graph_computes_in_half_around_its_int8_matmuls(tiny_graphs):
     import onnx
     from onnx import TensorProto
 
