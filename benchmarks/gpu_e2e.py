@@ -122,7 +122,7 @@ def torchrun_worker(device: str, out: Path) -> None:
     from cgil.features import _embed_local, embed_items, task_features
 
     distributed.init_from_env(device)
-    clip = create_clip("cgil-tiny", None, distributed.process_device(device), 0)
+    clip = create_clip("cgil-tiny", None, device, 0)  # "cuda" is this rank's GPU: init_from_env set it current
     ds = get_dataset("digits")
     items = ds.test.items[:256]
     gathered = embed_items(clip, items, 64)
