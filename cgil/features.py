@@ -20,6 +20,7 @@ import torch
 from . import distributed
 from cgil.tensor_io import load_tensors, save_tensors
 from runtime.artifacts import cache_root
+from runtime.images import LOADER_VERSION
 from .clip import FrozenClip
 from .data import ImageDataset, load_image
 
@@ -62,6 +63,7 @@ def cache_key(clip: FrozenClip, dataset: ImageDataset, split: str, classes: Sequ
         "config": clip.identity.config_sha,
         "dataset": dataset.dataset_id,
         "split": split,
+        "loader": LOADER_VERSION,
         "classes": sorted(int(c) for c in classes),
         **(device_facts(clip.device) if device is None else device),
     }

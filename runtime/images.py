@@ -32,6 +32,9 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
             8: Image.Transpose.ROTATE_90}
 _ORIENTATION = 0x0112
+# What the loader does to a file's pixels, part of every feature-cache key: a change here (2: EXIF
+# orientation applied) must not leave features computed from the old pixels in anyone's cache.
+LOADER_VERSION = 2
 # Header parsing is Python code in Pillow, one iteration per JPEG marker, junk byte or PNG chunk: a 16 MB
 # body of empty markers costs seconds before any limit applies. Real files have a few dozen markers
 # before the image data and chunks of kilobytes; anything far beyond that is refused from a C-speed scan.

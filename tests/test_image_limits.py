@@ -207,6 +207,20 @@ def test_train_folder_loader_sees_photos_upright(tmp_path):
         assert np.array_equal(loaded[i], expected[key]), key
 
 
+def test_features_cached_before_photos_were_read_upright_are_not_reused(monkeypatch):
+    """The feature cache is keyed by the loader's version: a cache filled when EXIF was ignored holds
+    sideways features, and the first run after the fix must compute them again, not read them back."""
+    pytest.importorskip("torch")
+    from cgil import features
+    from cgil.clip import create_clip
+    from cgil.data import get_dataset
+
+    clip, ds = create_clip("cgil-tiny", None, "cpu", 0), get_dataset("digits")
+    now = features.cache_key(clip, ds, "train", [0, 1])
+    monkeypatch.setattr(features, "LOADER_VERSION", features.LOADER_VERSION - 1)
+    assert features.cache_key(clip, ds, "train", [0, 1]) != now
+
+
 # ---------------------------------------------------------------- Pillow's warning (item 17)
 
 def test_pillows_decompression_bomb_warning_becomes_one_line(tmp_path):
