@@ -19,8 +19,11 @@ def test_every_cache_follows_one_rule(monkeypatch, tmp_path, value):
     root = tmp_path / value if value else tmp_path / "home" / ".cache" / "cgil"
     assert default_cache_dir() == root
     assert tensorrt_cache_dir() == root / "tensorrt"
-    options = provider_options("TensorrtExecutionProvider", "fp16")
-    assert options["trt_engine_cache_path"] == str(root / "ort-tensorrt") and (root / "ort-tensorrt").is_dir()
+    graph = tmp_path / "image.onnx"
+    graph.write_bytes(b"any graph")  # its folder is named by the file's sha256
+    options = provider_options("TensorrtExecutionProvider", "fp16", graph)
+    assert options["trt_engine_cache_path"].startswith(str(root / "ort-tensorrt") + "/")
+    assert (root / "ort-tensorrt").is_dir()
 
 
 def test_a_warning_is_one_escaped_line_like_an_error(capsys):
