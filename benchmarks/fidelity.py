@@ -161,13 +161,14 @@ def end_to_end(ref: dict[str, Any], orders: Sequence[int], seeds: Sequence[int],
         for s in seeds:
             cfg = train_config(ref, order, s, quick, cpu_step)
             start = time.process_time()
-            m = run(cfg, runs_dir / f"order{order}-seed{s}", reporter=Reporter(enabled=False))
+            m = run(cfg, runs_dir / f"order{order}-seed{s}", reporter=Reporter(enabled=False), plots=False)
             cpu = time.process_time() - start
             accs.append(m["final_avg_acc"])
             log(f"order {order} gen seed {s}: final avg acc {m['final_avg_acc']:.2f}%  cpu {cpu:.1f}s  "
                 f"(generators {m['timings']['generators']:.1f}s wall, alignment {m['timings']['alignment']:.1f}s wall)")
             rows.append({"order": order, "gen_seed": s, "final_avg_acc": m["final_avg_acc"], "cpu_s": cpu,
-                         "fit_wall_s": m["timings"]["generators"], "align_wall_s": m["timings"]["alignment"]})
+                         "fit_wall_s": m["timings"]["generators"], "align_wall_s": m["timings"]["alignment"],
+                         "fit_cpu_s": m["cpu_timings"]["generators"], "align_cpu_s": m["cpu_timings"]["alignment"]})
         refacc = ref["end_to_end"].get(str(order), {}).get("final_avg_acc")
         log(f"order {order}: cgil {statistics.mean(accs):.2f} (min {min(accs):.2f}, max {max(accs):.2f}) "
             f"vs reference {refacc}")
