@@ -3,21 +3,24 @@
 Why: a digits task's VAE step is ~0.38 GFLOP over ~1M parameters at batch 64, so on one CPU core
 it is bound by GEMMs and by passes over parameter-sized memory, not by arithmetic elsewhere. Autograd
 adds a graph per step, temporaries per op and a gradient buffer per parameter; here one class's
-parameters, gradients and Adam moments each live in one flat buffer, Adam is one fused kernel over
-it, and the forward keeps exactly what the backward needs. Classes train one after another, each
+parameters, gradients and Adam moments each live in one flat buffer, Adam is torch's fused kernel over
+each layer's views as soon as the backward is done with that layer, and the forward keeps exactly what
+the backward needs. Classes train one after another, each
 from its own RNG streams.
 
 Exact: every operation is the one autograd runs for the batched loop (`VAEGenerators.batch_loss`,
 reference objective), on the same operands and in the same order, so a class ends bit for bit where
-the batched autograd loop ends (`tests/test_vae_cpu.py`, `tests/test_vae_exact.py`). That is why it is
+the batched autograd loop ends (`tests/test_vae_cpu.py`, one and two threads). That is why it is
 the CPU default: it changes the cost, never the result. (An earlier version computed the same
 gradients in another order, equal to ~5e-7; end to end it scored 1.1 points lower over 21 paired runs,
 docs/reference-differences.md: on these features alignment amplifies rounding-level replay changes.)
 The textbook objective runs the autograd loop.
 
-Measured (`cgil bench update`, a digits task's fit on one core): its 17 GEMMs take most of its CPU time,
-Adam ~7%. bfloat16 GEMM operands (AMX) were tried and dropped: casting weights and gradients every step
-ate most of the GEMM gain, for rounding the reference does not do.
+Measured (`cgil bench update`, a digits task's fit on one core): its 17 GEMMs alone, in a step's order,
+take ~5.1 of its ~8 ms per class step; Adam ~9% (torch.profiler). It costs what the autograd loop costs
+within noise: the loop's overhead was never the bottleneck, the GEMMs' memory traffic is. bfloat16
+GEMM operands (AMX) were tried and dropped: casting weights and gradients every step ate most of the
+GEMM gain, for rounding the reference does not do.
 
 Notation (one class, batch B): encoder a1 = x W1 + b1, y1 = BN(a1), h1 = lrelu(y1), a2 = h1 W2 + b2,
 y2 = BN(a2), h2 = lrelu(y2), [mu | s] = h2 W3 + b3, z = mu + exp(s) eps; decoder d1 = z V1 + c1,
