@@ -122,6 +122,10 @@ class PromptLearner(nn.Module):
         self._frozen = None
         return super()._apply(fn, *args, **kwargs)
 
+    def _load_from_state_dict(self, *args, **kwargs):  # copies other tokens into `tokens` in place
+        self._frozen = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.ctx, *self.generator.parameters()]
 

@@ -68,3 +68,13 @@ def test_foreach_adamw_aligns_exactly_like_the_per_tensor_loop(monkeypatch):
     loop.align(Learner.real_source(feats, ids), seed=3)
     assert torch.equal(fast.head(), loop.head())
     assert not torch.equal(fast.head(), make_learner().head())  # it trained
+
+
+def test_loading_other_prompts_in_place_refreshes_the_cache():
+    other = make_learner(["cat", "a rather long class name with many birds", "dog", "traffic jam", "two"]).prompts
+    prompts = make_learner().prompts
+    assert prompts.eot_on_host == other.eot_on_host  # (kept on the host by add_classes, not in the state dict)
+    with torch.no_grad():
+        prompts.keys()  # fills the cache with this learner's tokens
+        prompts.load_state_dict(other.state_dict())  # same shapes: tokens are copied into the same tensor
+        assert torch.equal(prompts.keys(), keys_recomputed(other))
