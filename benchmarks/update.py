@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -175,6 +176,11 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--skip-align", action="store_true", help="generator fitting only")
     p.add_argument("--reference-passes", type=int, default=None,
                    help="passes of the side-by-side VAE fit vs a reference-style loop (default 20; 0 skips it)")
+    p.add_argument("--whole-run", action="store_true",
+                   help="also time one whole CGIL run at the reference fixture's settings in a child process: CPU "
+                        "split into fit, alignment and fixed costs, against the fixture's reference CPU time")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="the reference fixture for --whole-run (default: cgil bench fidelity's)")
     p.add_argument("--seed", type=int, default=0)
     add_threads_option(p)
     add_out_option(p)
@@ -212,7 +218,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
         vs_reference = fit_speed_vs_reference(passes=ref_passes, repeats=args.repeats or (1 if quick else 2))
         log(f"  VAE fit vs reference-style loop (digits task: D=64, 2 classes x 124): CPU "
-            f"x{vs_reference['speedup_cpu_x']:.2f}, {vs_reference['cgil_pct_of_gemm_peak']:.0f}% of GEMM peak")
+            f"x{vs_reference['speedup_cpu_x']:.2f}, {vs_reference['cgil_pct_of_gemm_peak']:.0f}% of GEMM peak; "
+            f"{vs_reference['cgil_ms_per_class_iteration']:.2f} ms per class-iteration = "
+            f"x{vs_reference['cgil_vs_matmul_floor_hot_x']:.2f} the hot matmul floor, "
+            f"x{vs_reference['cgil_vs_matmul_floor_in_step_x']:.2f} the in-step one")
+    run_split: dict = {}
+    if args.whole_run:
+        from benchmarks.fidelity import DEFAULT_REFERENCE
+        from benchmarks.update_run import whole_run
+
+        log("whole run at the reference fixture's settings (child process)")
+        run_split = whole_run(args.reference or DEFAULT_REFERENCE, threads=args.threads or 1, quick=quick)
+        log(f"  whole run: {run_split['total_cpu_s']:.1f} CPU-s (fit {run_split['fit_cpu_s']:.1f}, alignment "
+            f"{run_split['align_cpu_s']:.1f}, fixed {run_split['fixed_cpu_s']:.1f}); reference "
+            f"{run_split['reference_cpu_s_low']:.0f}-{run_split['reference_cpu_s_high']:.0f}: "
+            f"x{run_split['cheaper_than_reference_x_low']:.2f}-{run_split['cheaper_than_reference_x_high']:.2f} cheaper")
     align_rows = []
     if not args.skip_align:
         if quick:  # the smoke run uses our tiny text tower instead of ViT-B-16
@@ -242,9 +262,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             "sampling): not a measurement",
             "full 77-token path timed only up to full_text_max_classes seen classes (too slow beyond on this "
             "machine); empty cells are not measured",
-            "VAE fit vs reference-style loop: cgil_cpu_s is cgil's default fit (the batched autograd loop, what "
-            "GPUs run too), cgil_cpu_step_cpu_s its hand-written CPU step (vae_cpu_step, cgil/generators/"
-            "vae_cpu.py); gemm_peak_gflops is this "
+            "VAE fit vs reference-style loop: cgil_cpu_s is cgil's default CPU fit (the hand-written step, "
+            "cgil/generators/vae_cpu.py), cgil_autograd_loop_cpu_s the batched autograd loop it equals bit for bit "
+            "(vae_cpu_step=False, what GPUs run); matmul_floor_hot = the 17 products of one class step each "
+            "repeated on its own operands (weights stay in cache), matmul_floor_in_step = the 17 in a step's order "
+            "over one class's distinct weights (what any fit pays); both CPU time, minimum of repeats, measured "
+            "beside the fits; gemm_peak_gflops is this "
             "process's one-thread fp32 GEMM rate at 64x512x512, and gemm_only_ceiling_x = reference-style CPU time "
             "/ (the fit's GEMM FLOPs at that peak): the most any fp32 fit of this model could gain, with all other "
             "work (Adam, BatchNorm, activations, Python) at zero",
@@ -255,6 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         ],
         "profile_batched_vae_fit": profile,
         "vae_fit_vs_reference_style": vs_reference,
+        "whole_run": run_split,
         "fit": fit_rows,
         "align": align_rows,
     }
@@ -266,6 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if vs_reference:
         md += ["## VAE fit of one digits task: cgil vs a reference-style loop (torch.optim.Adam, DataLoader of 64, "
                "scheduler per pass), same process, CPU time", "", markdown_table([vs_reference])]
+    if run_split:
+        md += ["## Whole run at the reference fixture's settings (one child process, CPU seconds; the reference's "
+               "figure is the fixture's cpu_seconds_note)", "", markdown_table([run_split])]
     if align_rows:
         md += ["## Alignment step, truncated vs full 77-token text path", "", markdown_table(align_rows)]
     if profile:

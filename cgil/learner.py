@@ -124,7 +124,9 @@ class Learner:
         """Train the prompts of all seen classes and g with cross-entropy on cosine logits."""
         cfg = self.align_cfg
         params = self.prompts.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # foreach: the same update as the default per-tensor loop, bit for bit (tests/test_align_speed.py), with
+        # one call per operation over all ~15 small tensors instead of ~15: the step is overhead-bound here
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
         rng = torch.Generator().manual_seed(seed)
         scale = self.clip.logit_scale
         self.prompts.train()

@@ -59,6 +59,7 @@ class PromptLearner(nn.Module):
         self.eot_on_host: list[int] = []
         self.register_buffer("tokens", torch.zeros(0, text.tower.positional_embedding.shape[0], dtype=torch.long))
         self.register_buffer("zero_shot", torch.zeros(0, embed_dim))  # z_c, unnormalised
+        self._frozen = None  # (key, token embeddings, EOT positions) of `tokens`: see frozen_embeddings
 
     @property
     def num_classes(self) -> int:
@@ -84,6 +85,7 @@ class PromptLearner(nn.Module):
         z = (self.text.zero_shot(names) if zero_shot is None else zero_shot).to(dev)
         self.ctx = nn.Parameter(torch.cat([self.ctx.detach(), new_ctx.to(dev)]))
         self.tokens = torch.cat([self.tokens, tokens])
+        self._frozen = None
         self.zero_shot = torch.cat([self.zero_shot, z])
         self.class_ids += [int(c) for c in class_ids]
         self.class_names += list(names)
@@ -98,11 +100,31 @@ class PromptLearner(nn.Module):
             rows = rows.to(self.tokens.device)
         else:
             longest = None
-        tokens = self.tokens[rows]
-        embeds = self.text.embed_tokens(tokens)
-        g = self.generator(self.zero_shot[rows]).unsqueeze(1).to(embeds.dtype)
-        embeds = torch.cat([embeds[:, :1], self.ctx[rows].to(embeds.dtype), g, embeds[:, 2 + self.n_ctx:]], dim=1)
-        return normalize(self.text(embeds, self.text.eot_positions(tokens), longest))
+        frozen, eot = self.frozen_embeddings()
+        frozen, eot = frozen[rows], eot[rows]
+        if self.text.truncate and longest is not None:  # the text path reads no token past the longest EOT
+            frozen = frozen[:, :longest + 1]
+        g = self.generator(self.zero_shot[rows]).unsqueeze(1).to(frozen.dtype)
+        embeds = torch.cat([frozen[:, :1], self.ctx[rows].to(frozen.dtype), g, frozen[:, 2 + self.n_ctx:]], dim=1)
+        return normalize(self.text(embeds, eot, longest))
+
+    def frozen_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, context, W) token embeddings of every prompt and their EOT positions (C,): constant while the
+        classes and the frozen token table stay the same, so computed once, not at every alignment step."""
+        table = self.text.tower.token_embedding.weight
+        key = (table.data_ptr(), table._version, self.tokens.device)  # add_classes and _apply reset it too
+        if self._frozen is None or self._frozen[0] != key:
+            with torch.no_grad():
+                self._frozen = (key, self.text.embed_tokens(self.tokens), self.text.eot_positions(self.tokens))
+        return self._frozen[1], self._frozen[2]
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) and friends replace `tokens`: recompute the cache
+        self._frozen = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # copies other tokens into `tokens` in place
+        self._frozen = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.ctx, *self.generator.parameters()]

@@ -122,7 +122,8 @@ def confusion_png(matrix: Any, classnames: Sequence[str], title: str) -> bytes:
     return _finish_png(fig, ax, im, title, side, "% of the true class")
 
 
-def write_class_report(out: Path, classnames: Sequence[str], labels: Sequence[int], pred: Sequence[int]) -> None:
+def write_class_report(out: Path, classnames: Sequence[str], labels: Sequence[int], pred: Sequence[int],
+                       plots: bool = True) -> None:
     """After the last task: per-class accuracy (CSV) and the confusion matrix (CSV + PNG) over all classes."""
     import csv
     import numpy as np
@@ -143,12 +144,15 @@ def write_class_report(out: Path, classnames: Sequence[str], labels: Sequence[in
     for name, row in zip(classnames, matrix):
         writer.writerow([name, *row.tolist()])
     atomic_write_text(out / "confusion_matrix.csv", buf.getvalue())
-    atomic_write_bytes(out / "confusion_matrix.png", confusion_png(matrix, classnames, "confusion after the last task"))
+    if plots:
+        atomic_write_bytes(out / "confusion_matrix.png", confusion_png(matrix, classnames, "confusion after the last task"))
 
 
-def write_run_report(out: Path, metrics: dict[str, Any]) -> None:
+def write_run_report(out: Path, metrics: dict[str, Any], plots: bool = True) -> None:
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "accuracy_matrix.csv", matrix_csv(metrics["accuracy_matrix"]))
+    if not plots:
+        return
     labels = task_labels(metrics["tasks"], metrics["class_names"]) if metrics.get("tasks") else None
     atomic_write_bytes(out / "accuracy_matrix.png", heatmap_png(metrics["accuracy_matrix"], matrix_title(metrics), labels))
 

@@ -31,7 +31,8 @@ def test_update_runs_tiny(tmp_path):
     assert align["step_s_full77"] > 0 and align["max_abs_key_diff"] <= 1e-5
     assert {p["phase"] for p in doc["meta"]["profile_batched_vae_fit"]["phases"]} >= {"optimizer step"}
     vs = doc["meta"]["vae_fit_vs_reference_style"]
-    assert vs["cgil_cpu_s"] > 0 and vs["cgil_cpu_step_cpu_s"] > 0 and vs["reference_style_cpu_s"] > 0
+    assert vs["cgil_cpu_s"] > 0 and vs["cgil_autograd_loop_cpu_s"] > 0 and vs["reference_style_cpu_s"] > 0
+    assert 0 < vs["matmul_floor_hot_ms_per_class_iteration"] and vs["cgil_vs_matmul_floor_in_step_x"] > 0
     assert 0 < vs["gemm_and_adam_ceiling_x"] < vs["gemm_only_ceiling_x"]
 
 

@@ -131,7 +131,10 @@ def test_batched_vae_equals_vae_trained_alone(path):
         alone = make_generators(cfg, [cid], D)
         fit(alone, [feats[k]], 7)
         for name, tensor in alone.state_dict().items():
-            torch.testing.assert_close(batched.state_dict()[name][k:k + 1], tensor, atol=1e-5, rtol=1e-4)
+            if path == "cpu step":  # classes train one after another: exactly the class alone
+                assert torch.equal(batched.state_dict()[name][k:k + 1], tensor), name
+            else:
+                torch.testing.assert_close(batched.state_dict()[name][k:k + 1], tensor, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", sorted(GENERATORS))

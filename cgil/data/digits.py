@@ -12,7 +12,35 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 SPLIT_SEED = 0  # fixed: the split is part of the benchmark, not of the experiment seed
 
 
+DATASET_ID = "sklearn-digits-v1-split70-30-seed0"
+
+
 def load_digits_dataset() -> ImageDataset:
+    images, target, tr, te = digits_arrays()
+    return ImageDataset(
+        name="digits",
+        dataset_id=DATASET_ID,
+        classnames=list(DIGIT_NAMES),
+        train=Split([images[i] for i in tr], target[tr]),
+        test=Split([images[i] for i in te], target[te]),
+        task_sizes=[2] * 5,
+    )
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(8-bit images, labels, train indices, test indices), kept in the cgil cache after the first load:
+    importing scikit-learn costs ~1 CPU-s, a fixed cost of every digits run that the arrays do not need."""
+    import io
+
+    from runtime.artifacts import atomic_write_bytes
+    from ..features import default_cache_dir
+
+    path = default_cache_dir() / "datasets" / f"{DATASET_ID}.npz"
+    try:
+        with np.load(path) as z:
+            return z["images"], z["target"], z["train"], z["test"]
+    except (OSError, KeyError, ValueError):  # absent or unreadable: load from scikit-learn and write it again
+        pass
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -21,12 +49,11 @@ def load_digits_dataset() -> ImageDataset:
     # White digit on black, as stored. Each item is an (8, 8) uint8 array; load_image makes it RGB.
     idx = np.arange(len(images))
     tr, te = train_test_split(idx, test_size=0.3, stratify=bunch.target, random_state=SPLIT_SEED)
-    tr, te = np.sort(tr), np.sort(te)
-    return ImageDataset(
-        name="digits",
-        dataset_id="sklearn-digits-v1-split70-30-seed0",
-        classnames=list(DIGIT_NAMES),
-        train=Split([images[i] for i in tr], bunch.target[tr]),
-        test=Split([images[i] for i in te], bunch.target[te]),
-        task_sizes=[2] * 5,
-    )
+    arrays = images, np.asarray(bunch.target), np.sort(tr), np.sort(te)
+    buf = io.BytesIO()
+    np.savez(buf, images=arrays[0], target=arrays[1], train=arrays[2], test=arrays[3])
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError:  # a read-only cache costs the import next time, nothing else
+        pass
+    return arrays

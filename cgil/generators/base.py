@@ -27,10 +27,9 @@ class GeneratorConfig:
     latent_dim: int = 256  # VAE
     hidden_dim: int = 512  # VAE
     vae_objective: str = "reference"  # VAE: "reference" (z = mu + exp(s) eps, the reference's KL) or "textbook"
-    # VAE on a CPU: True runs the hand-written step (vae_cpu.py, ~15% less CPU). Off by default: its generators
-    # equal the batched autograd loop's to ~3e-4, yet end to end it scored 1.1 points lower over 21 paired
-    # runs (docs/reference-differences.md, row 6); a neutral rounding change shares part of that, not settled.
-    vae_cpu_step: bool = False
+    # VAE on a CPU (reference objective): the hand-written step (vae_cpu.py), bit for bit the batched autograd
+    # loop's result for less CPU time. False runs the autograd loop (what GPUs run), e.g. to time both.
+    vae_cpu_step: bool = True
     components: int = 5  # MoG
     em_steps: int = 500  # MoG
     em_tol: float = 1e-3  # MoG: stop when the mean log-likelihood gains less than this

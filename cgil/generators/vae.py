@@ -92,9 +92,10 @@ class VAEGenerators(TrainedGenerators):
         return (nll + kl) / x.shape[1]
 
     def fit(self, feats: Sequence[torch.Tensor], seed: int, progress=None) -> dict:
-        """With `vae_cpu_step` on a CPU: the hand-written step of vae_cpu.py, one class after another (same
-        streams, same result up to float rounding, less CPU time); otherwise the shared batched autograd loop."""
-        if feats[0].device.type != "cpu" or not self.cfg.vae_cpu_step:
+        """On a CPU with the reference objective (and `vae_cpu_step`, the default): the hand-written step of
+        vae_cpu.py, one class after another, bit for bit the batched autograd loop's result for less CPU
+        time; otherwise (GPUs, the textbook objective) the shared batched autograd loop."""
+        if feats[0].device.type != "cpu" or not self.cfg.vae_cpu_step or self.cfg.vae_objective != "reference":
             return super().fit(feats, seed, progress)
         return self._fit_cpu(feats, seed, progress)
 
@@ -103,7 +104,7 @@ class VAEGenerators(TrainedGenerators):
         from .vae_cpu import FlatVAE
 
         self.check_sizes(feats)
-        cfg, textbook = self.cfg, self.cfg.vae_objective == "textbook"
+        cfg = self.cfg
         sizes = [f.shape[0] for f in feats]
         norm = MinMaxZScore.fit(feats)
         x = norm.forward(pad_features(feats)[0])
@@ -113,7 +114,8 @@ class VAEGenerators(TrainedGenerators):
                             cfg.batch_size)
         lrs = lr_table(self.lr, per_class_iters, schedule=self.schedule)
         self.build_empty()
-        done, total, losses = 0, sum(per_class_iters), []
+        done, total = 0, sum(per_class_iters)
+        last_loss = torch.zeros(self.num_classes)  # as the batched loop keeps it: float32, one per class
         for k, gen in enumerate(gens):
             nets = self.build_networks([gen])  # class k's initial draws, exactly as in the batched build
             flat = FlatVAE(self.dim, cfg.hidden_dim, cfg.latent_dim)
@@ -122,11 +124,11 @@ class VAEGenerators(TrainedGenerators):
             for it in range(per_class_iters[k]):
                 if it % self.noise_chunk == 0:  # whole chunks from the class's own stream, as the batched loop
                     noise = self.draw_noise([gen], self.noise_chunk)[0][0]
-                xb, eps = x[k].index_select(0, idx[k, it]), noise[it % self.noise_chunk]
+                xb = torch.gather(x[k], 0, idx[k, it, :, None].expand(-1, self.dim))  # the loop's gather
                 last = it == per_class_iters[k] - 1
-                loss = flat.step(xb, eps, rates[it], textbook, want_loss=last)
+                loss = flat.step(xb, noise[it % self.noise_chunk], rates[it], want_loss=last)
                 if last:
-                    losses.append(loss)
+                    last_loss[k] = loss
                 done += 1
                 if progress:
                     progress(done, total)
@@ -136,7 +138,7 @@ class VAEGenerators(TrainedGenerators):
                     layer.bias[k].copy_(b.view(1, -1))
         self.norm_scale.copy_(norm.scale)
         self.norm_shift.copy_(norm.shift)
-        return {"iterations": per_class_iters, "final_loss": float(sum(losses) / len(losses))}
+        return {"iterations": per_class_iters, "final_loss": float(last_loss.mean())}
 
     def keep(self, nets: nn.Module) -> None:
         self.decoder.load_state_dict(nets["decoder"].state_dict())
