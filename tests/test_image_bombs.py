@@ -160,15 +160,32 @@ def test_image_bombs_keep_the_server_under_600_mb_and_2_cpu_s_of_decode(bundle, 
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", str(bundle), "--port", str(port), "--backend",
                              "onnxruntime", "--watch", "0", "--log-level", "warning"], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The event loop must keep answering while images are parsed and decoded. The poller is a process of
+    # its own: polled from this one, the times would include this test's client threads, which build and
+    # send the 16 MB bodies under the same GIL.
+    poller_code = (f"import sys, time, httpx\nwith httpx.Client(base_url={url!r}, timeout=30) as h:\n"
+                   "    while not sys.stdin.readline().strip():\n"  # an empty line: poll; 'stop': done
+                   "        t0 = time.perf_counter(); code = h.get('/healthz').status_code\n"
+                   "        print(time.time(), time.perf_counter() - t0, code, flush=True)\n")
     health: list[float] = []
+    polls: list[tuple[float, float]] = []  # (when, seconds)
     stop = threading.Event()
 
-    def poll() -> None:  # the event loop must keep answering while images are parsed and decoded
-        with httpx.Client(base_url=url, timeout=30) as h:
+    def poll() -> None:
+        child = subprocess.Popen([sys.executable, "-c", poller_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        try:
             while not stop.wait(0.02):
-                t0 = time.perf_counter()
-                assert h.get("/healthz").status_code == 200
-                health.append(time.perf_counter() - t0)
+                child.stdin.write("\n")
+                child.stdin.flush()
+                when, seconds, code = child.stdout.readline().split()
+                assert code == "200"
+                polls.append((float(when), float(seconds)))
+                health.append(float(seconds))
+        finally:
+            child.stdin.write("stop\n")
+            child.stdin.close()
+            child.wait(timeout=30)
 
     try:
         wait_ready(url, timeout=60, proc=proc)
@@ -209,7 +226,7 @@ def test_image_bombs_keep_the_server_under_600_mb_and_2_cpu_s_of_decode(bundle, 
         # bodies (16 MB ones take it tens of ms each), and on a loaded 2-core machine some polls wait for a
         # core: the median is held to the bar, the slowest only to "never blocked for seconds".
         health.sort()
-        assert len(health) > 20 and health[len(health) // 2] < 0.1 and health[-1] < 5, health[-5:]
+        assert len(health) > 20 and health[len(health) // 2] < 0.1 and health[-1] < 2, health[-5:]
     finally:
         stop.set()
         proc.terminate()
