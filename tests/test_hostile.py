@@ -268,7 +268,9 @@ print(json.dumps(results))
 """
 
 
-def test_a_full_disk_during_either_update_is_one_line_and_changes_nothing(bundle, new_digits, tmp_path):
+def on_a_full_disk(tmp_path: Path, script: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run `script` in a user and mount namespace with ARGV = args + (a mount point, for it to mount a small
+    tmpfs on); skipped where such namespaces are not allowed. Returns the process and the mount point."""
     if not shutil.which("unshare"):
         pytest.skip("no unshare: cannot mount a private tmpfs here")
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
@@ -277,12 +279,17 @@ def test_a_full_disk_during_either_update_is_one_line_and_changes_nothing(bundle
         pytest.skip(f"cannot mount a tmpfs in a user namespace here: {probe.stderr.decode().strip()}")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    script = tmp_path / "full_disk.py"
-    script.write_text(FULL_DISK)
-    size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) + (8 << 20)  # the bundle + 8 MB to fill
-    out = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable, str(script), str(bundle),
-                          str(new_digits), str(mnt), str(size)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    path = tmp_path / "full_disk.py"
+    path.write_text(script)
+    out = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable, str(path), *args[:-1],
+                          str(mnt), args[-1]], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
+    return out, mnt
+
+
+def test_a_full_disk_during_either_update_is_one_line_and_changes_nothing(bundle, new_digits, tmp_path):
+    size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) + (8 << 20)  # the bundle + 8 MB to fill
+    out, _ = on_a_full_disk(tmp_path, FULL_DISK, str(bundle), str(new_digits), str(size))
     for kind, r in json.loads(out.stdout.strip().splitlines()[-1]).items():
         assert r["rc"] == 2 and "Traceback" not in r["stderr"], (kind, r["stderr"])
         assert "No space left on device" in r["stderr"] and len(r["stderr"].strip().splitlines()) == 1, (kind, r)

@@ -13,15 +13,14 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 
 import httpx
 import pytest
 
 from runtime.errors import CgilError
-from test_hostile import HEADS, rewrite_manifest, versions
+from test_hostile import HEADS, on_a_full_disk, rewrite_manifest, versions
 from test_serve import running_server
-from test_update import ROOT, cli, current
+from test_update import cli, current
 
 ZWSP, BOM, SOFT_HYPHEN, CYRILLIC_O = "\u200b", "\ufeff", "\u00ad", "\u043e"
 
@@ -202,22 +201,10 @@ sys.stdout.write(f"{out.returncode}\n{out.stderr}")
 
 
 def test_a_full_disk_names_the_file_of_the_new_version(bundle, tmp_path):
-    if not shutil.which("unshare"):
-        pytest.skip("no unshare: cannot mount a private tmpfs here")
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                            f"mount -t tmpfs -o size=1m tmpfs {tmp_path}"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {probe.stderr.decode().strip()}")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    script = tmp_path / "full_disk.py"
-    script.write_text(FULL_DISK)
     live = current(bundle)
     new = f"head-{int(live[5:]) + 1:04d}"
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) + (4 << 20)
-    out = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable, str(script), str(bundle),
-                          str(mnt), str(size)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    out, mnt = on_a_full_disk(tmp_path, FULL_DISK, str(bundle), str(size))
     rc, stderr = out.stdout.split("\n", 1)
     assert rc == "2" and "No space left on device" in stderr and len(stderr.strip().splitlines()) == 1, out.stdout
     assert f"cannot write {mnt}/bundle/heads/{new}" in stderr, stderr  # the file it was writing ...
