@@ -70,8 +70,8 @@ class Preprocess:
     def _filter(self) -> int:
         return _FILTERS.get(self.interpolation, Image.BICUBIC)  # "random" means bicubic at eval, as in open_clip
 
-    def _resize(self, img: Image.Image) -> Image.Image:
-        new_w, new_h = self._new_size(*img.size)
+    def _resize(self, img: Image.Image, new_size: tuple[int, int] | None = None) -> Image.Image:
+        new_w, new_h = new_size or self._new_size(*img.size)
         if (new_w, new_h) == img.size:
             return img
         return img.resize((new_w, new_h), self._filter)
@@ -136,11 +136,11 @@ class Preprocess:
         new_w, new_h = self._new_size(*img.size)
         th, tw = self.size
         if self.resize_mode == "squash":
-            img = self._resize(img)
+            img = self._resize(img, (new_w, new_h))
         elif new_w * new_h > CROP_ONLY_PIXELS and new_w >= tw and new_h >= th:  # a strip: see CROP_ONLY_PIXELS
             img = self._resize_crop(img, new_w, new_h)
         else:
-            img = self._crop(self._resize(img))
+            img = self._crop(self._resize(img, (new_w, new_h)))
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
     def batch(self, images: Sequence[ImageLike]) -> np.ndarray:
