@@ -63,6 +63,7 @@ class FlatVAE:
         # same elements as BatchedAdam's per-parameter calls (one flat call differs in the last bit when
         # a tensor's size is not a multiple of the vector width).
         self.adam_lists = [[*w, *v] for w, v in (self._split(t) for t in (self.params, self.grads, self.m, self.v))]
+        self._adam_args: dict = {}  # (weights, vectors) of an `_update` call -> its argument lists
 
     def _split(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         weights, vectors, off = [], [], 0
@@ -107,9 +108,12 @@ class FlatVAE:
         the weight the input gradient just read and the gradient just written are still in cache (~4% of
         the step). Elementwise, so the order of the layers changes nothing."""
         lr, (beta1, beta2), eps = self._adam
-        idx = [*weights, *[len(self.w) + j for j in vectors]]
-        params, grads, m, v = ([t[i] for i in idx] for t in self.adam_lists)
-        torch._fused_adam_(params, grads, m, v, [], [self.step_count] * len(idx), lr=lr, beta1=beta1, beta2=beta2,
+        key = (tuple(weights), tuple(vectors))
+        lists = self._adam_args.get(key)
+        if lists is None:  # six fixed layer groups per step: build their tensor lists once, not every step
+            idx = [*weights, *[len(self.w) + j for j in vectors]]
+            lists = self._adam_args[key] = [[t[i] for i in idx] for t in self.adam_lists] + [[self.step_count] * len(idx)]
+        torch._fused_adam_(*lists[:4], [], lists[4], lr=lr, beta1=beta1, beta2=beta2,
                            weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
 
     def gradients(self, x: torch.Tensor, eps: torch.Tensor, want_loss: bool = False,
