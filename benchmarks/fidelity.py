@@ -30,6 +30,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from runtime.errors import CgilError
+
 from benchmarks.common import add_out_option, add_threads_option, apply_threads, log, machine, markdown_table, write_results
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fidelity" / "reference_digits.json"
@@ -239,6 +241,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                                            "mean_frechet": statistics.mean(r["frechet"] for r in rows),
                                            "fit_cpu_s_per_class": statistics.mean(r["fit_cpu_s"] for r in rows),
                                            "seeds": sorted({r["seed"] for r in rows})}
+    if "reference" in cpu and any(r["kind"] == "vae" for r in ref_code):
+        # the same classes, seeds and thread count in this process: the fit's cost ratio measured side by side
+        ours = statistics.mean(cpu["reference"]) / len(feats)
+        theirs = summ["reference_code[vae]"]["fit_cpu_s_per_class"]
+        summ["vae_fit_cpu_s_per_class"] = {"cgil": ours, "reference_code": theirs, "cgil_cheaper_x": theirs / ours}
     command = "cgil bench fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "threads": torch.get_num_threads(), "reference": str(args.reference),
             "settings": ref["settings"], "quick": args.quick, "summary": summ, "replay_fit_cpu_s": cpu,
@@ -268,6 +275,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the reference's own code, run here
 
+def reference_module(code_dir: Path, name: str):
+    """models/cgil_utils/<name>.py of a mammoth checkout, loaded from its file: these three files need only torch,
+    numpy and tqdm, while importing them as `models.cgil_utils.<name>` runs mammoth's models/__init__.py, which
+    changes the working directory and imports the whole framework (kornia and the rest of its requirements)."""
+    import importlib.util
+
+    path = Path(code_dir) / "models" / "cgil_utils" / f"{name}.py"
+    if not path.is_file():
+        raise CgilError(f"{path} does not exist: --reference-code must be a checkout of aimagelab/mammoth")
+    spec = importlib.util.spec_from_file_location(f"cgil_reference_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def reference_code_replay(code_dir: Path, feats: dict[int, torch.Tensor], kinds: Sequence[str],
                           seeds: Sequence[int]) -> list[dict]:
     """Fit the reference's own generator modules (a checkout of aimagelab/mammoth, unmodified; `wandb` stubbed)
@@ -280,10 +302,10 @@ def reference_code_replay(code_dir: Path, feats: dict[int, torch.Tensor], kinds:
     from cgil.metrics import REPLAY_SAMPLES, replay_quality
 
     sys.modules.setdefault("wandb", types.SimpleNamespace(run=None))
-    sys.path.insert(0, str(code_dir))
-    from models.cgil_utils.diffusion import DiffusionCA
-    from models.cgil_utils.generative_replay import Gaussian, MixtureOfGaussiansModel
-    from models.cgil_utils.vae import VariationalAutoEncoderModel
+    DiffusionCA = reference_module(code_dir, "diffusion").DiffusionCA
+    replay = reference_module(code_dir, "generative_replay")
+    Gaussian, MixtureOfGaussiansModel = replay.Gaussian, replay.MixtureOfGaussiansModel
+    VariationalAutoEncoderModel = reference_module(code_dir, "vae").VariationalAutoEncoderModel
 
     rows = []
     for kind in kinds:

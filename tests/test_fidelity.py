@@ -59,3 +59,18 @@ def test_replay_rows_are_compared_with_the_reference_codes_mean_over_seeds():
     assert rows[0]["fd_vs_ref_code"] == pytest.approx(0.13 / 0.12) and rows[0]["fd_ok_vs_ref_code"]
     assert rows[1]["ratio_vs_ref_code"] == pytest.approx(0.30 / 0.45) and not rows[1]["ratio_ok_vs_ref_code"]
     assert rows[1]["fd_vs_ref_code"] == pytest.approx(1.5) and not rows[1]["fd_ok_vs_ref_code"]
+
+
+def test_reference_generators_load_from_their_files_without_the_framework(tmp_path):
+    """A mammoth checkout's models/__init__.py chdirs and imports the whole framework (kornia, ...); the three
+    generator files need none of it, so they are loaded from their paths and the package is never imported."""
+    from benchmarks.fidelity import reference_module
+    from runtime.errors import CgilError
+
+    pkg = tmp_path / "models"
+    (pkg / "cgil_utils").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('the framework was imported')\n")
+    (pkg / "cgil_utils" / "vae.py").write_text("import torch\n\nclass VariationalAutoEncoderModel:\n    dim = 7\n")
+    assert reference_module(tmp_path, "vae").VariationalAutoEncoderModel.dim == 7
+    with pytest.raises(CgilError, match="checkout of aimagelab/mammoth"):
+        reference_module(tmp_path, "diffusion")
