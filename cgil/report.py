@@ -185,7 +185,7 @@ def matrix_table(matrix: Sequence[Sequence[Optional[float]]], title: str) -> Tab
     return table
 
 
-def write_comparison(out: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def write_comparison(out: Path, results: dict[str, dict[str, Any]], plots: bool = True) -> dict[str, Any]:
     comparison = {
         name: {k: m.get(k) for k, _ in SUMMARY_KEYS} | {"timings": m.get("timings"), "run": name}
         for name, m in results.items()
@@ -196,7 +196,8 @@ def write_comparison(out: Path, results: dict[str, dict[str, Any]]) -> dict[str,
     for name, m in results.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k, _ in SUMMARY_KEYS) + " |")
     atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")
-    atomic_write_bytes(out / "comparison.png", comparison_png(results))
+    if plots:
+        atomic_write_bytes(out / "comparison.png", comparison_png(results))
     return comparison
 
 

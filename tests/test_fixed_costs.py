@@ -37,3 +37,26 @@ def test_reports_without_plots_write_every_table_and_no_figure(tmp_path):
         "accuracy_matrix.csv", "confusion_matrix.csv", "metrics.json", "per_class_accuracy.csv"]
     write_run_report(tmp_path, metrics)  # the default still draws
     assert (tmp_path / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_no_plots_writes_the_reports_and_no_figure(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--method", "zeroshot", "--tasks", "2", "--quiet", "--no-plots",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "metrics.json").is_file() and (out / "accuracy_matrix.csv").is_file()
+    assert not list(out.rglob("*.png"))
+
+
+def test_a_comparison_without_plots_has_its_tables_and_no_figure(tmp_path):
+    from cgil.report import write_comparison
+
+    metrics = {"final_avg_acc": 50.0, "timings": {}, "accuracy_matrix": [[90.0, None], [60.0, 40.0]]}
+    write_comparison(tmp_path, {"cgil": metrics, "zeroshot": metrics}, plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comparison.json", "comparison.md"]
+    write_comparison(tmp_path, {"cgil": metrics, "zeroshot": metrics})
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
