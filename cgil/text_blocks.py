@@ -30,6 +30,7 @@ from torch.nn.modules import module as _module
 
 _NORMS = (LayerNorm, LayerNormFp32, nn.LayerNorm)
 _LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)  # MHA's out_proj is the latter
+_SCALES = (LayerScale, nn.Identity)
 
 
 def _no_hooks(module: nn.Module) -> bool:
@@ -39,17 +40,21 @@ def _no_hooks(module: nn.Module) -> bool:
 
 
 def _recognised(block: nn.Module, batch_first: bool) -> bool:
-    if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+    # submodules read from _modules: nn.Module.__getattr__ would make this check cost ~2% of a cgil-tiny step
+    parts = block._modules if type(block) is ResidualAttentionBlock else {}
+    if set(parts) != {"ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2"}:  # (cross-attention adds ln_1_kv)
         return False
-    attn, mlp = block.attn, block.mlp
-    return (type(attn) is nn.MultiheadAttention and attn.batch_first == batch_first and attn._qkv_same_embed_dim
-            and attn.in_proj_weight is not None and attn.bias_k is None and attn.bias_v is None
-            and not attn.add_zero_attn and attn.dropout == 0.0 and type(attn.out_proj) in _LINEARS
-            and type(block.ln_1) in _NORMS and type(block.ln_2) in _NORMS
-            and type(block.ls_1) in (LayerScale, nn.Identity) and type(block.ls_2) in (LayerScale, nn.Identity)
-            and type(mlp) is nn.Sequential and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]
-            and type(mlp.c_fc) is nn.Linear and type(mlp.c_proj) is nn.Linear
-            and all(_no_hooks(m) for m in block.modules()))
+    attn, mlp = parts["attn"], parts["mlp"]
+    fc = mlp._modules if type(mlp) is nn.Sequential else {}
+    if type(attn) is not nn.MultiheadAttention or list(fc) != ["c_fc", "gelu", "c_proj"]:
+        return False
+    return (attn.batch_first == batch_first and attn._qkv_same_embed_dim and attn.bias_k is None
+            and attn.bias_v is None and not attn.add_zero_attn and attn.dropout == 0.0
+            and attn._parameters.get("in_proj_weight") is not None and type(attn._modules["out_proj"]) in _LINEARS
+            and type(parts["ln_1"]) in _NORMS and type(parts["ln_2"]) in _NORMS
+            and type(parts["ls_1"]) in _SCALES and type(parts["ls_2"]) in _SCALES
+            and type(fc["c_fc"]) is nn.Linear and type(fc["c_proj"]) is nn.Linear
+            and all(map(_no_hooks, (block, attn, attn._modules["out_proj"], mlp, *parts.values(), *fc.values()))))
 
 
 def lean_blocks(transformer: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[list]:
@@ -75,6 +80,17 @@ MIN_ROWS = 4
 
 def _attention(attn: nn.MultiheadAttention, x: torch.Tensor, mask: torch.Tensor, pick: Optional[tuple]):
     """attn(x, x, x, attn_mask=mask, need_weights=False)[0]; only the rows `pick` = (prompts, positions)."""
+    if attn.batch_first and x.shape[0] >= MIN_ROWS:  # no sequence-first copies: the same rows in another order
+        batch, length, width = x.shape
+        heads = attn.num_heads
+        proj = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(batch, length, 3, heads, width // heads)
+        q, k, v = proj.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, mask[None, None])
+        if pick is not None:
+            out = out[pick[0], :, pick[1]].reshape(len(pick[0]), width)
+            return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+        out = out.transpose(1, 2).reshape(batch * length, width)
+        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias).view(batch, length, width)
     if attn.batch_first:  # MHA runs sequence-first: (N, L, E) -> (L, N, E)
         x = x.transpose(1, 0)
     length, batch, width = x.shape
