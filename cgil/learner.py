@@ -185,10 +185,10 @@ class Learner:
                 if cfg.negatives is not None:
                     rows, target = self.sampled_classes(cols_host[order_host[start:start + cfg.batch_size]], rng)
                 if rows is not None and len(rows) < self.prompts.num_classes:
-                    logits = scale * feats[idx] @ self.prompts.keys(rows).t()
+                    logits = scale * feats.index_select(0, idx) @ self.prompts.keys(rows).t()
                     loss = F.cross_entropy(logits, target.to(self.device))
                 else:  # the reference: a softmax over every seen class
-                    logits = scale * feats[idx] @ self.prompts.keys().t()
+                    logits = scale * feats.index_select(0, idx) @ self.prompts.keys().t()  # (cheaper than [idx])
                     loss = F.cross_entropy(logits, cols[idx])
                 flat.zero_grad()
                 loss.backward()
