@@ -48,22 +48,23 @@ class FlatParameters:
     """The trainable tensors as views of one flat buffer, which the optimizer updates as a single tensor.
 
     AdamW is elementwise, so one update of the flat buffer is the update of every tensor, bit for bit
-    (tests/test_align_speed.py); on the CPU, torch's foreach AdamW otherwise calls each of its ~10
-    operations once per tensor (15 for cgil's prompts): ~0.5 ms of a ~3.5 ms cgil-tiny step.
+    (tests/test_text_fast.py); on the CPU, torch's foreach AdamW otherwise calls each of its ~10 operations
+    once per tensor (15 for cgil's prompts). On CUDA foreach AdamW is already one multi-tensor kernel per
+    operation, so `flatten=False` there leaves the tensors and the optimizer as they were.
     `release` gives every tensor its own storage back (a saved state must not carry the whole buffer).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter]):
+    def __init__(self, params: Sequence[torch.nn.Parameter], flatten: bool = True):
         self.params = list(params)
-        self.flat = torch.cat([p.detach().reshape(-1) for p in self.params]).requires_grad_()
+        self.flat = torch.cat([p.detach().reshape(-1) for p in self.params]).requires_grad_() if flatten else None
         offset = 0
-        for p in self.params:
+        for p in self.params if flatten else ():
             p.data = self.flat.data[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
 
     def tensors(self) -> list[torch.Tensor]:
         """What the optimizer updates."""
-        return [self.flat]
+        return self.params if self.flat is None else [self.flat]
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -72,10 +73,11 @@ class FlatParameters:
     def gather_grads(self) -> None:
         # every prompt tensor reaches the loss, so each has a gradient (AdamW skips a tensor without one,
         # which a flat buffer could not)
-        self.flat.grad = torch.cat([p.grad.reshape(-1) for p in self.params])
+        if self.flat is not None:
+            self.flat.grad = torch.cat([p.grad.reshape(-1) for p in self.params])
 
     def release(self) -> None:
-        for p in self.params:
+        for p in self.params if self.flat is not None else ():
             p.data = p.data.clone()
 
 
@@ -157,7 +159,7 @@ class Learner:
 
     def align(self, source: Source, seed: int, progress: Progress = None) -> dict:
         """Train the prompts of all seen classes and g with cross-entropy on cosine logits."""
-        flat = FlatParameters(self.prompts.trainable_parameters())
+        flat = FlatParameters(self.prompts.trainable_parameters(), flatten=self.device.type == "cpu")
         try:
             return self._align(source, seed, progress, flat)
         finally:

@@ -117,29 +117,14 @@ def test_blocks_it_does_not_recognise_take_the_module_forward():
     assert torch.equal(fast, slow) and torch.equal(fast_grad, slow_grad)
 
 
-class Unflattened(cgil.learner.FlatParameters):
-    """The optimizer over the 15 separate tensors, as before the flat buffer."""
-
-    def __init__(self, params):
-        self.params = list(params)
-
-    def tensors(self):
-        return self.params
-
-    def gather_grads(self):
-        pass
-
-    def release(self):
-        pass
-
-
 def test_flat_buffer_and_lean_path_align_exactly_like_before(monkeypatch):
     g = torch.Generator().manual_seed(0)
     feats, ids = torch.randn(96, 64, generator=g), torch.arange(96) % 5
     fast = make_learner(5)
     fast.align(Learner.real_source(feats, ids), seed=3)
     with monkeypatch.context() as m:
-        m.setattr(cgil.learner, "FlatParameters", Unflattened)
+        unflattened = cgil.learner.FlatParameters  # the optimizer over the 15 separate tensors, as before
+        m.setattr(cgil.learner, "FlatParameters", lambda params, flatten: unflattened(params, flatten=False))
         before = make_learner(5)
         before.text.lean = False
         before.align(Learner.real_source(feats, ids), seed=3)
