@@ -6,17 +6,18 @@ checks and view chains. `run_to_eot` runs the same blocks through their own para
 
 - in the last block, everything after attention (out-projection, residual, ln_2, MLP) runs on the EOT
   rows only: those rows are the only ones read, and every op there works row by row;
-- the packed in-projection is one 2-D GEMM on a contiguous copy instead of nn.MultiheadAttention's batched
-  GEMM over a transposed view (the same products, row by row).
+- the packed in-projection is one 2-D GEMM over the batch-first rows instead of nn.MultiheadAttention's
+  per-position batched GEMM over a sequence-first view, and attention reads q, k, v from it in place;
+- nn.MultiheadAttention's checks are skipped.
 
-Every other op is the one F.multi_head_attention_forward (its scaled_dot_product_attention branch, taken
-with need_weights=False) and ResidualAttentionBlock call, on tensors of the same shapes, layouts and
-dtypes. So the keys and every gradient equal the module path's to the bit wherever the BLAS computes each
-output row of a GEMM independently of the others (MKL and OpenBLAS sgemm on x86 do; tests/test_text_fast.py
-checks it on the machine it runs on). It runs on the CPU only, where that was checked; other devices,
-tracing (the exporter), and every block it does not recognise (another block class such as
-CustomResidualAttentionBlock or the exporter's TraceableAttention, cross-attention, bias_k/v, attention
-dropout, hooks, gradient checkpointing, a boolean mask) take the module forward, unchanged.
+Every kernel is the one ResidualAttentionBlock -> F.multi_head_attention_forward calls (its
+scaled_dot_product_attention branch, taken with need_weights=False), on the same rows in another order or
+layout. So keys and gradients equal the module path's to the bit wherever the BLAS computes each row of a
+GEMM independently of how many rows it has: MKL does from MIN_ROWS rows up (measured on a 2-core AMD EPYC,
+AVX512; tests/test_text_fast.py checks it on the machine it runs on). It runs on the CPU only, where that
+was checked; other devices, tracing (the exporter), and every block it does not recognise (another block
+class such as CustomResidualAttentionBlock or the exporter's TraceableAttention, cross-attention,
+bias_k/v, attention dropout, hooks, gradient checkpointing, a boolean mask) take the module forward, unchanged.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ _SCALES = (LayerScale, nn.Identity)
 
 
 def _no_hooks(module: nn.Module) -> bool:
-    """The lean path calls modules' forward functions directly, so it would skip their hooks."""
+    """The lean path calls the attention's and the MLP's kernels directly, so it would skip their hooks."""
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
 
@@ -80,30 +81,28 @@ MIN_ROWS = 4
 
 def _attention(attn: nn.MultiheadAttention, x: torch.Tensor, mask: torch.Tensor, pick: Optional[tuple]):
     """attn(x, x, x, attn_mask=mask, need_weights=False)[0]; only the rows `pick` = (prompts, positions)."""
-    if attn.batch_first and x.shape[0] >= MIN_ROWS:  # no sequence-first copies: the same rows in another order
+    heads = attn.num_heads
+    sequence_first = not attn.batch_first or x.shape[0] < MIN_ROWS
+    if not sequence_first:  # one GEMM over the (N, L) rows, q, k, v read from it in place: no copies
         batch, length, width = x.shape
-        heads = attn.num_heads
         proj = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(batch, length, 3, heads, width // heads)
         q, k, v = proj.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, mask[None, None])
-        if pick is not None:
-            out = out[pick[0], :, pick[1]].reshape(len(pick[0]), width)
-            return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
-        out = out.transpose(1, 2).reshape(batch * length, width)
-        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias).view(batch, length, width)
-    if attn.batch_first:  # MHA runs sequence-first: (N, L, E) -> (L, N, E)
-        x = x.transpose(1, 0)
-    length, batch, width = x.shape
-    heads = attn.num_heads
-    # F._in_projection_packed for q is k is v: one packed projection, split into contiguous q, k, v
-    proj = F.linear(x.contiguous() if batch >= MIN_ROWS else x, attn.in_proj_weight, attn.in_proj_bias)
-    proj = proj.unflatten(-1, (3, width)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
-    # (L, N, E) -> (N, heads, L, head_dim): the strides F.multi_head_attention_forward's view chain gives
-    q, k, v = (proj[i].view(length, batch, heads, width // heads).permute(1, 2, 0, 3) for i in range(3))
+    else:  # the module's own form: MHA runs sequence-first, (N, L, E) -> (L, N, E)
+        if attn.batch_first:
+            x = x.transpose(1, 0)
+        length, batch, width = x.shape
+        # F._in_projection_packed for q is k is v: one packed projection, split into contiguous q, k, v
+        proj = F.linear(x.contiguous() if batch >= MIN_ROWS else x, attn.in_proj_weight, attn.in_proj_bias)
+        proj = proj.unflatten(-1, (3, width)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        # (L, N, E) -> (N, heads, L, head_dim): the strides F.multi_head_attention_forward's view chain gives
+        q, k, v = (proj[i].view(length, batch, heads, width // heads).permute(1, 2, 0, 3) for i in range(3))
     out = F.scaled_dot_product_attention(q, k, v, mask[None, None])  # every query: keys and values need them all
     if pick is not None:  # (R, heads, head_dim) -> (R, E): the same head-major rows F.mha_forward flattens
         out = out[pick[0], :, pick[1]].reshape(len(pick[0]), width)
         return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+    if not sequence_first:
+        out = out.transpose(1, 2).reshape(batch * length, width)
+        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias).view(batch, length, width)
     out = out.permute(2, 0, 1, 3).reshape(length * batch, width)
     out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias).view(length, batch, width)
     return out.transpose(1, 0) if attn.batch_first else out
