@@ -35,7 +35,7 @@ from benchmarks.update_fit import (REFERENCE_PASSES, bench_generators, profile_f
                                    synthetic_features, timed)
 
 REFERENCE_EPOCHS = 60  # alignment epochs of most reference presets
-TEXT_MODELS = {512: "ViT-B-16", 768: "ViT-L-14"}
+TEXT_MODELS = {64: "cgil-tiny", 512: "ViT-B-16", 768: "ViT-L-14"}
 
 
 # ---------------------------------------------------------------- synthetic data and text towers
@@ -67,7 +67,7 @@ def text_only_clip(model: str, seed: int = 0):
     import open_clip
     from open_clip.model import CLIPTextCfg, _build_text_tower
 
-    from cgil.clip import FrozenClip, ModelIdentity
+    from cgil.clip import FrozenClip, ModelIdentity  # (importing cgil.clip registers cgil-tiny with open_clip)
 
     cfg = open_clip.get_model_config(model)
     with torch.random.fork_rng(devices=[]):
@@ -163,7 +163,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): a smoke run, not a measurement")
     p.add_argument("--full", action="store_true", help="also time the full 77-token path up to 50 seen classes")
-    p.add_argument("--dims", type=int, nargs="+", default=None, help="embedding widths (512 and/or 768)")
+    p.add_argument("--dims", type=int, nargs="+", default=None, help="embedding widths (64: cgil-tiny, 512: ViT-B-16, 768: ViT-L-14)")
     p.add_argument("--seen", type=int, nargs="+", default=None, help="seen-class counts for the alignment step")
     p.add_argument("--classes-per-task", type=int, default=None, help="new classes fitted per task (default 20)")
     p.add_argument("--n-per-class", type=int, default=None, help="training features per class (default 100)")
@@ -236,8 +236,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     align_rows = []
     if not args.skip_align:
         if quick:  # the smoke run uses our tiny text tower instead of ViT-B-16
-            TEXT_MODELS.setdefault(64, "cgil-tiny")
-            import cgil.clip  # noqa: F401  (registers cgil-tiny with open_clip)
             dims_align = [64]
         else:
             dims_align = dims

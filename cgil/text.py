@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.errors import CgilError
+from .text_blocks import lean_blocks, run_to_eot
 
 
 @dataclass
@@ -54,18 +55,26 @@ class TextTower:
         return self.token_embedding.embedding_dim
 
 
-def encode_embeds(tower: TextTower, token_embeds: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+def encode_embeds(tower: TextTower, token_embeds: torch.Tensor, eot: torch.Tensor, lean: bool = True) -> torch.Tensor:
     """The text forward: (N, L, W) token embeddings, already cut to the length to run, read at `eot` (N,).
 
     positional embedding -> causal transformer -> final LayerNorm -> EOT position -> projection.
     The learner (TextEncoder) and the exported text graphs (export.onnx_export) both run this.
+    `lean`: run the transformer through cgil/text_blocks.py where it recognises every block (the same
+    numbers, bit for bit, for about a fifth less CPU); False: always the module forward.
     """
     length = token_embeds.shape[1]
     dtype = tower.positional_embedding.dtype
     x = token_embeds.to(dtype) + tower.positional_embedding[:length].to(dtype)
-    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-    x = tower.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot.to(x.device)]
+    mask = tower.attn_mask[:length, :length]
+    eot = eot.to(x.device)
+    blocks = lean_blocks(tower.transformer, x, mask) if lean else None
+    if blocks is not None:
+        x = tower.ln_final(run_to_eot(blocks, x, mask, eot, tower.transformer.batch_first))
+    else:
+        x = tower.transformer(x, attn_mask=mask)
+        x = tower.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
     proj = tower.text_projection
     if proj is not None:
         x = proj(x) if isinstance(proj, nn.Module) else x @ proj
@@ -80,6 +89,7 @@ class TextEncoder(nn.Module):
         self.tower = TextTower.of(model)
         self.tokenizer = tokenizer
         self.truncate = truncate
+        self.lean = True  # encode_embeds' lean transformer path (bit-exact); False: the module forward
         eot = getattr(tokenizer, "eot_token_id", None)
         self.eot_id = int(eot) if eot is not None else None
 
@@ -104,7 +114,7 @@ class TextEncoder(nn.Module):
             length = (int(eot.max()) if longest_eot is None else longest_eot) + 1
         else:
             length = token_embeds.shape[1]
-        return encode_embeds(self.tower, token_embeds[:, :length], eot)
+        return encode_embeds(self.tower, token_embeds[:, :length], eot, self.lean)
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self(self.embed_tokens(tokens), self.eot_positions(tokens))
