@@ -14,13 +14,14 @@ Every kernel is the one ResidualAttentionBlock -> F.multi_head_attention_forward
 scaled_dot_product_attention branch, taken with need_weights=False), on the same rows in another order or
 layout. So keys and gradients equal the module path's to the bit wherever the BLAS computes each row of a
 GEMM independently of how many rows it has: MKL does from MIN_ROWS rows up (measured on a 2-core AMD EPYC,
-AVX512; tests/test_text_fast.py checks it on the machine it runs on). It runs on the CPU only, where that
-was checked; other devices, tracing (the exporter), and every block it does not recognise (another block
+AVX512), and `rows_exact` checks it once per shape and process before the lean path runs, so a BLAS or CPU
+without it takes the module forward. It runs on the CPU only, where that was checked; other devices, tracing (the exporter), and every block it does not recognise (another block
 class such as CustomResidualAttentionBlock or the exporter's TraceableAttention, cross-attention,
 bias_k/v, attention dropout, hooks, gradient checkpointing, a boolean mask) take the module forward, unchanged.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -69,7 +70,57 @@ def lean_blocks(transformer: nn.Module, x: torch.Tensor, mask: Optional[torch.Te
     blocks = list(transformer.resblocks)
     if not blocks or not all(_recognised(b, transformer.batch_first) for b in blocks):
         return None
-    return blocks
+    known = _EXACT.setdefault(transformer, {})  # per call this is a lookup: the step is overhead-bound
+    key = (tuple(x.shape), x.dtype)
+    if key not in known:
+        known[key] = _products_exact(blocks, x.shape[0], x.shape[1], x.dtype)
+    return blocks if known[key] else None
+
+
+# transformer -> {(input shape, dtype): _products_exact}; weak, so a dropped model takes its entries with it
+_EXACT: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+# (rows, of rows, in features, out features, dtype) -> whether this process's BLAS gave those rows their bits
+_CHECKED: dict[tuple, bool] = {}
+
+
+def rows_exact(rows: int, total: int, k: int, n: int, dtype: torch.dtype, linear=F.linear) -> bool:
+    """Whether `rows` rows of x W^T + b, and of the input gradient g W, come out with the same bits as the same
+    rows of a `total`-row product (rows == total: the rows in another order). The lean path's exactness rests
+    on it and MKL has it from MIN_ROWS rows up on the CPUs measured; instead of trusting that on every CPU and
+    library, each shape is checked once per process on random data before the lean path uses it."""
+    key = (rows, total, k, n, dtype)
+    if linear is not F.linear:  # another product (the tests'): checked, not cached
+        return _same_rows(rows, total, k, n, dtype, linear)
+    if key not in _CHECKED:
+        _CHECKED[key] = _same_rows(rows, total, k, n, dtype, linear)
+    return _CHECKED[key]
+
+
+def _same_rows(rows: int, total: int, k: int, n: int, dtype: torch.dtype, linear) -> bool:
+    g = torch.Generator().manual_seed(rows * 7919 + total)
+    x, w, b, grad = (torch.randn(shape, generator=g).to(dtype) for shape in ((total, k), (n, k), (n,), (total, n)))
+    pick = (torch.randperm(total, generator=g) if rows == total
+            else torch.linspace(0, total - 1, rows, dtype=torch.float64).round().long())
+    return (torch.equal(linear(x, w, b)[pick], linear(x[pick], w, b))  # forward: x W^T + b
+            and torch.equal(linear(grad, w.t())[pick], linear(grad[pick], w.t())))  # backward: g W
+
+
+def _products_exact(blocks: list, count: int, length: int, dtype: torch.dtype) -> bool:
+    """rows_exact for every product whose rows the lean path orders or selects differently from the module:
+    the blocks' in-projection, out-projection and MLP over all count * length rows in another order, and the
+    last block's out-projection and MLP over the EOT rows alone (padded to MIN_ROWS)."""
+    total, eot_rows = count * length, max(count, MIN_ROWS)
+    shapes = set()
+    for block in blocks:
+        attn, mlp = block.attn, block.mlp
+        shapes.add(tuple(attn.in_proj_weight.shape[::-1]))
+        shapes.update(tuple(m.weight.shape[::-1]) for m in (attn.out_proj, mlp.c_fc, mlp.c_proj))
+    last = blocks[-1]
+    selected = {tuple(m.weight.shape[::-1]) for m in (last.attn.out_proj, last.mlp.c_fc, last.mlp.c_proj)}
+    return (all(rows_exact(total, total, k, n, dtype) for k, n in sorted(shapes))
+            and all(rows_exact(eot_rows, total, k, n, dtype) for k, n in sorted(selected) if eot_rows < total))
 
 
 # The BLAS computes a GEMM of fewer rows than this with other kernels than a larger one (MKL: 1-3 rows differ

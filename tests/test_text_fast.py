@@ -135,3 +135,34 @@ def test_flat_buffer_and_lean_path_align_exactly_like_before(monkeypatch):
     # after align every tensor owns its storage again: a saved state does not carry the whole flat buffer
     for p in fast.prompts.trainable_parameters():
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+def test_a_blas_whose_rows_depend_on_the_row_count_is_caught():
+    """The lean path's exactness rests on the BLAS giving a row the same bits in a short product as in a long
+    one; a product computed another way below 8 rows (as MKL does below 4) must fail the check."""
+    import torch.nn.functional as F
+
+    from cgil.text_blocks import rows_exact
+
+    def short_products_differ(x, w, b=None):
+        if x.shape[0] >= 8:
+            return F.linear(x, w, b)
+        return F.linear(x.double(), w.double(), None if b is None else b.double()).float()
+
+    assert rows_exact(16, 96, 64, 256, torch.float32)  # this machine's BLAS, as the lean path uses it
+    assert not rows_exact(4, 96, 64, 256, torch.float32, linear=short_products_differ)
+    assert rows_exact(16, 96, 64, 256, torch.float32, linear=short_products_differ)
+
+
+def test_the_module_forward_runs_where_the_row_check_fails(monkeypatch):
+    import cgil.text_blocks
+
+    prompts = make_learner(5).prompts
+    x = torch.zeros(5, 8, 64)
+    assert lean_blocks(prompts.text.tower.transformer, x, prompts.text.tower.attn_mask) is not None
+    monkeypatch.setattr(cgil.text_blocks, "rows_exact", lambda *args, **kwargs: False)
+    monkeypatch.setattr(cgil.text_blocks, "_EXACT", cgil.text_blocks.weakref.WeakKeyDictionary())
+    assert lean_blocks(prompts.text.tower.transformer, x, prompts.text.tower.attn_mask) is None
+    fast, fast_grads = keys_and_grads(prompts, lean=True)  # asked for lean, ran the module forward
+    slow, slow_grads = keys_and_grads(prompts, lean=False)
+    assert torch.equal(fast, slow) and all(torch.equal(a, b) for a, b in zip(fast_grads, slow_grads))
