@@ -114,7 +114,9 @@ class _TextGraph(nn.Module):
         """The learner's text forward (cgil.text.encode_embeds) on this graph's traceable tower."""
         tower = TextTower(self.token_embedding, self.positional_embedding, self.transformer, self.ln_final,
                           self.text_projection, self.attn_mask)
-        return encode_embeds(tower, token_embeds, (tokens == self.eot_id).int().argmax(dim=-1))
+        # lean=False: an exported graph is the module forward (the lean path's once-per-shape BLAS check and
+        # EOT-row selection are for eager CPU training; TraceableAttention would also refuse it)
+        return encode_embeds(tower, token_embeds, (tokens == self.eot_id).int().argmax(dim=-1), lean=False)
 
 
 class ZeroShotTextGraph(_TextGraph):
