@@ -15,9 +15,10 @@ scaled_dot_product_attention branch, taken with need_weights=False), on the same
 layout. So keys and gradients equal the module path's to the bit wherever the BLAS computes each row of a
 GEMM independently of how many rows it has: MKL does from MIN_ROWS rows up (measured on a 2-core AMD EPYC,
 AVX512), and `rows_exact` checks it once per shape and process before the lean path runs, so a BLAS or CPU
-without it takes the module forward. It runs on the CPU only, where that was checked; other devices, tracing (the exporter), and every block it does not recognise (another block
-class such as CustomResidualAttentionBlock or the exporter's TraceableAttention, cross-attention,
-bias_k/v, attention dropout, hooks, gradient checkpointing, a boolean mask) take the module forward, unchanged.
+without it takes the module forward. It runs on the CPU only, where that was checked; other devices,
+tracing (the exporter), and every block it does not recognise (another block class such as
+CustomResidualAttentionBlock or the exporter's TraceableAttention, cross-attention, bias_k/v, attention
+dropout, hooks, gradient checkpointing, a boolean mask) take the module forward, unchanged.
 """
 from __future__ import annotations
 

@@ -39,6 +39,20 @@ def tiny_config(**overrides):
     return cfg
 
 
+def tiny_learner(names, epochs: int = 2):
+    """A cgil-tiny learner (seeded g) with `names` as classes 0..n-1: the alignment tests' subject."""
+    import torch
+
+    from cgil.clip import create_clip
+    from cgil.generators import GeneratorConfig
+    from cgil.learner import AlignConfig, Learner
+
+    torch.manual_seed(0)  # g's initial weights
+    learner = Learner(create_clip("cgil-tiny", seed=0), GeneratorConfig(), AlignConfig(epochs=epochs, batch_size=16))
+    learner.add_classes(list(range(len(names))), list(names), seed=1)
+    return learner
+
+
 # ---- a trained run and its exported bundles (test_export, test_runtime, test_predict_cli, ...) ------
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:

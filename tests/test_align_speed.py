@@ -2,19 +2,15 @@
 foreach, and neither changes a bit of the result."""
 import torch
 
-from cgil.clip import create_clip
-from cgil.generators import GeneratorConfig
-from cgil.learner import AlignConfig, Learner
+from cgil.learner import Learner
 from cgil.text import normalize
+from conftest import tiny_learner
 
 NAMES = ["zero", "a rather long class name with many words", "seven", "traffic light", "one"]
 
 
 def make_learner(names=NAMES, epochs=2) -> Learner:
-    torch.manual_seed(0)  # g's initial weights
-    learner = Learner(create_clip("cgil-tiny", seed=0), GeneratorConfig(), AlignConfig(epochs=epochs, batch_size=16))
-    learner.add_classes(list(range(len(names))), names, seed=1)
-    return learner
+    return tiny_learner(names, epochs)
 
 
 def keys_recomputed(prompts, rows=slice(None)) -> torch.Tensor:

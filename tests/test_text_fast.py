@@ -7,21 +7,17 @@ from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
 import cgil.learner
-from cgil.clip import create_clip
-from cgil.generators import GeneratorConfig
-from cgil.learner import AlignConfig, Learner
+from cgil.learner import Learner
 from cgil.text import TextTower, encode_embeds
 from cgil.text_blocks import lean_blocks
+from conftest import tiny_learner
 
 NAMES = ["zero", "a rather long class name with many words", "seven", "traffic light", "one", "dog", "fire truck",
          "naïve café", "x", "the last of ten"]
 
 
 def make_learner(count: int, epochs: int = 2) -> Learner:
-    torch.manual_seed(0)  # g's initial weights
-    learner = Learner(create_clip("cgil-tiny", seed=0), GeneratorConfig(), AlignConfig(epochs=epochs, batch_size=16))
-    learner.add_classes(list(range(count)), NAMES[:count], seed=1)
-    return learner
+    return tiny_learner(NAMES[:count], epochs)
 
 
 def keys_and_grads(prompts, lean: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
